@@ -1,0 +1,179 @@
+"""Backend choice: which implementation runs an op, and what this machine has.
+
+Three backends, one name each:
+
+- ``triton``: the fused Triton kernels. Runs on CUDA tensors, and on CPU tensors only under the
+  Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported; the tests do this).
+- ``native``: the C++/CUDA extension ``lors_kernels._C`` built from ``csrc/`` (``cuda`` is accepted as
+  another name for it, as DESIGN.md spells it).
+- ``reference``: pure PyTorch, the test oracle and the fallback for everything.
+
+Automatic choice (no override): Triton on CUDA tensors; on CPU the native op where the op has one
+for the case, else the reference. ``LORS_KERNELS_BACKEND`` or :func:`set_backend` override it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import importlib.util
+import os
+import warnings
+
+import torch
+
+BACKENDS = ("triton", "native", "reference")
+_ALIASES = {"cuda": "native"}
+_override: str | None = None
+_native = None
+_native_error: str | None = None
+_native_loaded = False
+
+
+def _canonical(name: str | None) -> str | None:
+    if name is None or name == "" or name == "auto":
+        return None
+    name = _ALIASES.get(name.lower(), name.lower())
+    if name not in BACKENDS:
+        raise ValueError(
+            f"unknown lors_kernels backend {name!r}: expected one of {BACKENDS + tuple(_ALIASES)} or 'auto'"
+        )
+    return name
+
+
+def set_backend(name: str | None) -> str | None:
+    """Force a backend for every op (``None`` or ``"auto"`` restores the automatic choice).
+
+    Returns the previous override so that callers can restore it.
+    """
+    global _override
+    previous = _override
+    _override = _canonical(name)
+    return previous
+
+
+@contextlib.contextmanager
+def use_backend(name: str | None):
+    """``with use_backend("reference"): ...`` forces a backend inside the block."""
+    previous = set_backend(name)
+    try:
+        yield
+    finally:
+        set_backend(previous)
+
+
+def forced_backend() -> str | None:
+    """The override in force: :func:`set_backend` first, then ``LORS_KERNELS_BACKEND``."""
+    if _override is not None:
+        return _override
+    return _canonical(os.environ.get("LORS_KERNELS_BACKEND"))
+
+
+def native():
+    """The compiled extension ``lors_kernels._C``, or None when it was not built (said once)."""
+    global _native, _native_error, _native_loaded
+    if not _native_loaded:
+        _native_loaded = True
+        try:
+            _native = importlib.import_module("lors_kernels._C")
+        except ImportError as err:  # the package works without it: Triton / reference take over
+            _native_error = str(err)
+            warnings.warn(
+                "lors_kernels: the native extension lors_kernels._C is not available "
+                f"({err}); falling back to Triton / PyTorch reference implementations.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+    return _native
+
+
+def triton_available() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
+def triton_interpreted() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") not in ("", "0")
+
+
+def triton_runs_on(device: torch.device) -> bool:
+    """Triton runs on CUDA tensors, and on CPU tensors only under its interpreter."""
+    if not triton_available():
+        return False
+    return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
+
+
+def choose(device: torch.device, native_fits: bool, native_wins: bool | None = None,
+           triton_fits: bool = True) -> str:
+    """The backend that runs one call: the override if any, else the automatic choice.
+
+    ``native_fits``: the op has a native kernel built for this device and this case;
+    ``native_wins``: the automatic choice should take it (measured faster for this case);
+    ``triton_fits``: the Triton kernels handle this case (float64, for one, only the reference does).
+    """
+    forced = forced_backend()
+    if forced == "triton":
+        if not triton_fits:
+            raise RuntimeError("lors_kernels backend 'triton' has no kernel for this call "
+                               "(the kernels take float32, float16 and bfloat16)")
+        if not triton_runs_on(device):
+            raise RuntimeError(
+                f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: "
+                + ("triton is not installed" if not triton_available() else
+                   "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors")
+            )
+        return "triton"
+    if forced == "native":
+        if not native_fits:
+            raise RuntimeError(
+                f"lors_kernels backend 'native' has no kernel for this call on {device.type} "
+                f"({'extension not built: ' + str(_native_error) if native() is None else 'unsupported case'})"
+            )
+        return "native"
+    if forced == "reference":
+        return "reference"
+    if device.type == "cuda" and triton_fits and triton_available():
+        return "triton"
+    if native_fits if native_wins is None else native_wins:
+        return "native"
+    return "reference"
+
+
+def env_report() -> str:
+    """What was built and what is usable here (``python -m lors_kernels env``)."""
+    import platform
+
+    lines = [f"python      {platform.python_version()} ({platform.machine()})",
+             f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
+    if triton_available():
+        import triton
+
+        mode = "interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled"
+        lines.append(f"triton      {triton.__version__} [{mode}]")
+    else:
+        lines.append("triton      not installed")
+    cuda = torch.cuda.is_available()
+    if cuda:
+        props = torch.cuda.get_device_properties(0)
+        lines.append(f"device      {props.name} (sm_{props.major}{props.minor}, "
+                     f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)")
+    else:
+        lines.append("device      no CUDA device: CPU only")
+    ext = native()
+    if ext is None:
+        lines.append(f"native      not built ({_native_error})")
+    else:
+        lines.append(f"native      built: {', '.join(ext.built_backends())} "
+                     f"(OpenMP threads: {torch.get_num_threads()})")
+    usable = ["reference"]
+    if ext is not None:
+        usable.append("native[cpu]")
+        if cuda and "cuda" in ext.built_backends():
+            usable.append("native[cuda]")
+    if triton_available() and cuda:
+        usable.append("triton[cuda]")
+    if triton_available() and triton_interpreted():
+        usable.append("triton[cpu, interpreter]")
+    lines.append(f"usable      {', '.join(usable)}")
+    lines.append(f"override    {forced_backend() or 'auto'} "
+                 "(LORS_KERNELS_BACKEND=triton|native|cuda|reference, lors_kernels.set_backend)")
+    return "\n".join(lines)

@@ -1,0 +1,141 @@
+"""`lors::lors_linear`: input checks, dispatch, autograd and torch.library registration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from . import reference
+
+FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 runs on the reference
+# The native CPU kernel streams the weight once per call: it wins while M rows fit beside it in cache.
+NATIVE_MAX_M = 16
+
+
+def _shape(t: Tensor) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_inputs(x, weight, down, up, bias) -> None:
+    named = {"x": x, "weight": weight, "down": down, "up": up}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {FLOAT_DTYPES}")
+    if x.dim() < 1:
+        raise ValueError(f"lors_linear: x must have at least one dimension [..., in], got shape {_shape(x)}")
+    for name, dim in (("weight", 2), ("down", 2), ("up", 2), ("bias", 1)):
+        if name in named and named[name].dim() != dim:
+            raise ValueError(f"lors_linear: {name} must be {dim}-D, got shape {_shape(named[name])}")
+    out_f, in_f = weight.shape
+    r = down.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(f"lors_linear: x {_shape(x)} has {x.shape[-1]} input features but weight "
+                         f"{_shape(weight)} expects {in_f}")
+    if down.shape[1] != in_f:
+        raise ValueError(f"lors_linear: down {_shape(down)} must be [rank, in] = [R, {in_f}] for weight {_shape(weight)}")
+    if tuple(up.shape) != (out_f, r):
+        raise ValueError(f"lors_linear: up {_shape(up)} must be [out, rank] = [{out_f}, {r}] "
+                         f"for weight {_shape(weight)} and down {_shape(down)}")
+    if bias is not None and bias.shape[0] != out_f:
+        raise ValueError(f"lors_linear: bias {_shape(bias)} must be [{out_f}] for weight {_shape(weight)}")
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError("lors_linear: all tensors must share one dtype, got "
+                        + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
+    devices = {name: t.device for name, t in named.items()}
+    if len(set(devices.values())) > 1:
+        raise ValueError("lors_linear: all tensors must be on one device, got "
+                         + ", ".join(f"{n}={d}" for n, d in devices.items()))
+
+
+def _native_fits(x2: Tensor) -> bool:
+    ext = backend.native()
+    return (ext is not None and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16)
+            and hasattr(ext, "lors_linear_forward_cpu"))
+
+
+@torch.library.custom_op("lors::lors_linear", mutates_args=())
+def _lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor],
+                 scaling: float) -> Tensor:
+    check_inputs(x, weight, down, up, bias)
+    x2 = x.reshape(-1, x.shape[-1])
+    fits = _native_fits(x2)
+    which = backend.choose(x.device, native_fits=fits, native_wins=fits and x2.shape[0] <= NATIVE_MAX_M,
+                           triton_fits=x.dtype in KERNEL_DTYPES)
+    if which == "triton":
+        from . import triton as kernels
+
+        y = kernels.lors_linear_forward(x2, weight, down, up, bias, scaling)
+    elif which == "native":
+        y = backend.native().lors_linear_forward_cpu(x2, weight, down, up, bias, scaling)
+    else:
+        y = reference.lors_linear(x2, weight, down, up, bias, scaling)
+    return y.reshape(*x.shape[:-1], weight.shape[0])
+
+
+@_lors_linear.register_fake
+def _(x, weight, down, up, bias, scaling):
+    check_inputs(x, weight, down, up, bias)
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+@torch.library.custom_op("lors::lors_linear_backward", mutates_args=())
+def _lors_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float,
+                          has_bias: bool, needs_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, ddown, dup, dbias); dx and dbias are empty when not asked for."""
+    k = x.shape[-1]
+    x2 = x.reshape(-1, k)
+    g2 = grad.reshape(-1, grad.shape[-1])
+    if backend.choose(x.device, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
+        from . import triton as kernels
+
+        dx, dweight, ddown, dup, dbias = kernels.lors_linear_backward(g2, x2, weight, down, up, scaling,
+                                                                      has_bias, needs_x)
+    else:
+        dx, dweight, ddown, dup, dbias = reference.lors_linear_backward(g2, x2, weight, down, up, scaling,
+                                                                        has_bias, needs_x)
+    dx = dx.reshape(x.shape) if needs_x else x.new_empty(0)
+    return dx, dweight, ddown, dup, dbias if has_bias else weight.new_empty(0)
+
+
+@_lors_linear_backward.register_fake
+def _(grad, x, weight, down, up, scaling, has_bias, needs_x):
+    return (x.new_empty(x.shape if needs_x else (0,)), torch.empty_like(weight), torch.empty_like(down),
+            torch.empty_like(up), weight.new_empty((weight.shape[0],) if has_bias else (0,)))
+
+
+def _setup_context(ctx, inputs, output):
+    x, weight, down, up, bias, scaling = inputs
+    ctx.save_for_backward(x, weight, down, up)
+    ctx.scaling = scaling
+    ctx.has_bias = bias is not None
+
+
+def _backward(ctx, grad):
+    x, weight, down, up = ctx.saved_tensors
+    needs_x = ctx.needs_input_grad[0]
+    dx, dweight, ddown, dup, dbias = _lors_linear_backward(grad, x, weight, down, up, ctx.scaling,
+                                                           ctx.has_bias, needs_x)
+    return (dx if needs_x else None, dweight, ddown, dup, dbias if ctx.has_bias else None, None)
+
+
+_lors_linear.register_autograd(_backward, setup_context=_setup_context)
+
+
+def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *,
+                scaling: float = 1.0) -> Tensor:
+    """Static LORS linear: ``x @ weight.T + scaling * (x @ down.T) @ up.T + bias``.
+
+    x [..., in], weight [out, in] (the shared weight), down [R, in], up [out, R], bias [out] or None.
+    R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
+    """
+    for name, t in (("x", x), ("weight", weight), ("down", down), ("up", up), ("bias", bias)):
+        if not isinstance(t, Tensor) and not (name == "bias" and t is None):
+            raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
+    return _lors_linear(x, weight, down, up, bias, float(scaling))

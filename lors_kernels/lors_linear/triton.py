@@ -1,0 +1,281 @@
+"""Triton kernels and launchers for static LORS.
+
+One GEMM kernel serves the forward and both backward products. It computes
+
+    C = A @ B  (+ scaling * T @ up)  (+ bias)
+
+with T = A @ down either accumulated in the same K loop (the shrink fused into the GEMM: one
+launch, used for small M where the GEMM is bound by reading B) or read from memory (a K-extended
+GEMM over [A | T] . [B ; up], used for large M where recomputing T per column tile costs more than
+one extra pass over A). Side outputs let the weight-gradient GEMM carry the low-rank gradients:
+
+    T_out = side_scale * A @ down       (first column of programs: dup in the backward)
+    E_out = side_scale * G @ B          (first row of programs:    ddown in the backward)
+    rowsum(A)                           (first column of programs: dbias in the backward)
+
+All operands are strided 2-D views, so W^T, dy^T and friends are never copied.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import torch
+import triton
+import triton.language as tl
+
+# Largest rank whose T (or E) tile lives in registers next to the accumulator. Larger ranks take
+# the K-extended path in the forward/dx and separate launches for dup/ddown.
+MAX_FUSED_RANK = 64
+# Up to this M the shrink is fused (one launch); above it T is computed once and read back.
+MAX_FUSED_M = 256
+
+
+@triton.jit
+def lors_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, bias_ptr,
+    down_ptr, up_ptr, t_ptr,
+    g_ptr, e_ptr, rowsum_ptr,
+    M, N, K, R, scaling, side_scale,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_dk, stride_dr, stride_ur, stride_un, stride_tm, stride_tr,
+    stride_gr, stride_gk, stride_er, stride_en,
+    HAS_BIAS: tl.constexpr,   # C += bias[None, :]
+    SHRINK: tl.constexpr,     # T = A @ down inside the K loop
+    EXPAND: tl.constexpr,     # C += scaling * T @ up (T from SHRINK, else read from t_ptr)
+    STORE_T: tl.constexpr,    # first column of programs writes side_scale * T to t_ptr
+    ROW_EXT: tl.constexpr,    # first row of programs writes side_scale * G @ B to e_ptr
+    ROWSUM: tl.constexpr,     # first column of programs writes rowsum(A) to rowsum_ptr
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # Grouped ordering: programs that run together share columns of B in L2.
+    pid = tl.program_id(0)
+    num_pid_m = tl.cdiv(M, BLOCK_M)
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_rows = min(num_pid_m - first_pid_m, GROUP_M)
+    pid_m = first_pid_m + (pid % pids_in_group) % group_rows
+    pid_n = (pid % pids_in_group) // group_rows
+
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_m = offs_m < M
+    mask_n = offs_n < N
+    mask_r = offs_r < R
+
+    # Without EXPAND the shrink only feeds the side output: one column of programs does it.
+    shrink_here = (pid_n == 0) | EXPAND
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    e = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
+    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        if SHRINK:
+            if shrink_here:
+                down = tl.load(down_ptr + ks[:, None] * stride_dk + offs_r[None, :] * stride_dr,
+                               mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+                t = tl.dot(a, down, t, input_precision=PRECISION)
+        if ROW_EXT:
+            if pid_m == 0:
+                g = tl.load(g_ptr + offs_r[:, None] * stride_gr + ks[None, :] * stride_gk,
+                            mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+                e = tl.dot(g, b, e, input_precision=PRECISION)
+        if ROWSUM:
+            if pid_n == 0:
+                a_sum += tl.sum(a.to(tl.float32), axis=1)
+
+    if EXPAND:
+        # The low-rank term is added in fp32: T keeps its accumulator precision.
+        if SHRINK:
+            up = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+            acc = tl.dot(t * scaling, up, acc, input_precision=PRECISION)
+        else:
+            for r0 in range(0, R, BLOCK_R):
+                rs = r0 + offs_r
+                mask_rs = rs < R
+                t_blk = tl.load(t_ptr + offs_m[:, None] * stride_tm + rs[None, :] * stride_tr,
+                                mask=mask_m[:, None] & mask_rs[None, :], other=0.0).to(tl.float32)
+                up = tl.load(up_ptr + rs[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                             mask=mask_rs[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
+                acc = tl.dot(t_blk * scaling, up, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
+
+    if STORE_T:
+        if pid_n == 0:
+            tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
+                     (t * side_scale).to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
+    if ROW_EXT:
+        if pid_m == 0:
+            tl.store(e_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
+                     (e * side_scale).to(e_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
+    if ROWSUM:
+        if pid_n == 0:
+            tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+
+
+class Config(NamedTuple):
+    BLOCK_M: int
+    BLOCK_N: int
+    BLOCK_K: int
+    num_warps: int
+    num_stages: int
+
+
+# Fixed configurations (no autotuning: the interpreter cannot autotune, and AOT tests enumerate
+# exactly what dispatch may pick). Keyed by (M bucket, operand width in bytes).
+CONFIGS = {
+    ("decode", 2): Config(16, 64, 128, 4, 4),
+    ("decode", 4): Config(16, 64, 64, 4, 3),
+    ("small", 2): Config(64, 64, 64, 4, 4),
+    ("small", 4): Config(64, 64, 32, 4, 3),
+    ("large", 2): Config(128, 128, 64, 8, 3),
+    ("large", 4): Config(128, 64, 32, 8, 3),
+}
+
+
+def pick_config(m: int, dtype: torch.dtype) -> Config:
+    bucket = "decode" if m <= 16 else "small" if m <= 128 else "large"
+    return CONFIGS[(bucket, 2 if dtype.itemsize == 2 else 4)]
+
+
+def rank_block(r: int) -> int:
+    """tl.dot needs every dimension >= 16; ranks are padded (masked) up to a power of two."""
+    return max(16, triton.next_power_of_2(r))
+
+
+_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def _dot_dtype(*tensors: torch.Tensor) -> tl.dtype:
+    """Dots run in the narrowest float type among the operands (fp32 side buffers meet 16-bit inputs)."""
+    narrow = [t.dtype for t in tensors if t.dtype.itemsize == 2]
+    return _TL_DTYPES[narrow[0] if narrow else torch.float32]
+
+
+def _precision() -> str:
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def _launch(kernel, grid, args, constexprs, num_warps, num_stages):
+    """The one place kernels are started (tests replace it to collect what dispatch launches)."""
+    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+
+
+def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, g=None, e_out=None,
+                rowsum_out=None, scaling=1.0, side_scale=1.0):
+    """out[M, N] = a @ b (+ scaling * T @ up) (+ bias), with the side outputs of the kernel.
+
+    a [M, K], b [K, N], down [K, R], up [R, N], t / t_out [M, R], g [R, K], e_out [R, N],
+    rowsum_out [M]: any strides. T is a @ down when `down` is given, else `t`.
+    """
+    m, k = a.shape
+    n = b.shape[1]
+    r = down.shape[1] if down is not None else t.shape[1] if t is not None else g.shape[0] if g is not None else 0
+    fused = down is not None or g is not None
+    assert not fused or r <= MAX_FUSED_RANK, "fused low-rank tiles hold at most MAX_FUSED_RANK columns"
+    if m == 0 or n == 0:
+        return out
+    cfg = pick_config(m, a.dtype if a.dtype.itemsize == 2 else b.dtype)
+    block_r = min(rank_block(r), MAX_FUSED_RANK)  # given-T mode loops over R in blocks of this size
+    dummy = out
+
+    def ptr(x):
+        return dummy if x is None else x
+
+    def strides(x):
+        return (0, 0) if x is None else tuple(x.stride())
+
+    args = (
+        a, b, out, ptr(bias), ptr(down), ptr(up), ptr(t if t is not None else t_out),
+        ptr(g), ptr(e_out), ptr(rowsum_out),
+        m, n, k, r, float(scaling), float(side_scale),
+        *a.stride(), *b.stride(), *out.stride(),
+        *strides(down), *strides(up), *strides(t if t is not None else t_out),
+        *strides(g), *strides(e_out),
+    )
+    constexprs = dict(
+        HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None,
+        STORE_T=t_out is not None, ROW_EXT=g is not None, ROWSUM=rowsum_out is not None,
+        DOT_DTYPE=_dot_dtype(a, b), PRECISION=_precision(),
+        BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r, GROUP_M=8,
+    )
+    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
+    _launch(lors_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+    return out
+
+
+def _fuse_shrink(m: int, r: int) -> bool:
+    return m <= MAX_FUSED_M and r <= MAX_FUSED_RANK
+
+
+def lors_linear_forward(x, weight, down, up, bias, scaling):
+    """x [M, K] -> [M, N]."""
+    m = x.shape[0]
+    n, r = weight.shape[0], down.shape[0]
+    y = torch.empty((m, n), device=x.device, dtype=x.dtype)
+    if r == 0:
+        return lors_matmul(x, weight.t(), y, bias=bias)
+    if _fuse_shrink(m, r):
+        return lors_matmul(x, weight.t(), y, bias=bias, down=down.t(), up=up.t(), scaling=scaling)
+    t = lors_matmul(x, down.t(), torch.empty((m, r), device=x.device, dtype=torch.float32))
+    return lors_matmul(x, weight.t(), y, bias=bias, t=t, up=up.t(), scaling=scaling)
+
+
+def lors_linear_backward(grad, x, weight, down, up, scaling, has_bias, needs_x):
+    """grad [M, N], x [M, K] -> (dx or None, dweight, ddown, dup, dbias or None).
+
+    T = x @ down^T is recomputed rather than saved: it reads x once, R/N of the forward's work.
+    """
+    m, k = x.shape
+    n, r = weight.shape[0], down.shape[0]
+
+    def empty(*shape, dtype=x.dtype):
+        return torch.empty(shape, device=x.device, dtype=dtype)
+
+    dx = empty(m, k) if needs_x else None
+    dweight, ddown, dup = empty(n, k), empty(r, k), empty(n, r)
+    dbias = empty(n) if has_bias else None
+    if k == 0:  # no column tiles to carry the side outputs: dup = grad^T @ (x @ down^T) = 0
+        dup.zero_()
+        return dx, dweight, ddown, dup, grad.sum(0) if has_bias else None
+    if r == 0:
+        if needs_x:
+            lors_matmul(grad, weight, dx)
+        lors_matmul(grad.t(), x, dweight, rowsum_out=dbias)
+        return dx, dweight, ddown, dup, dbias
+
+    t = lors_matmul(x, down.t(), empty(m, r, dtype=torch.float32))
+    gu = empty(m, r, dtype=torch.float32)  # grad @ up
+    if needs_x and _fuse_shrink(m, r):
+        lors_matmul(grad, weight, dx, down=up, up=down, t_out=gu, scaling=scaling)
+    else:
+        lors_matmul(grad, up, gu)
+        if needs_x:
+            lors_matmul(grad, weight, dx, t=gu, up=down, scaling=scaling)
+    if r <= MAX_FUSED_RANK:
+        # One GEMM over M: dW tiles, dup from the first column (grad^T @ T), ddown from the first
+        # row (gu^T @ x), dbias as row sums of grad^T.
+        lors_matmul(grad.t(), x, dweight, down=t, t_out=dup, g=gu.t(), e_out=ddown, rowsum_out=dbias,
+                    side_scale=scaling)
+    else:
+        lors_matmul(grad.t(), x, dweight, rowsum_out=dbias)
+        lors_matmul(grad.t(), t, dup).mul_(scaling)
+        lors_matmul(gu.t(), x, ddown).mul_(scaling)
+    return dx, dweight, ddown, dup, dbias

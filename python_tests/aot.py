@@ -1,0 +1,120 @@
+"""Ahead-of-time compilation of Triton launches, for tests on machines without a GPU (DESIGN.md §4).
+
+A test module defines `aot_cases()`: calls of its family's launchers on meta tensors, over the
+shapes and dtypes whose configurations dispatch can pick. `compile_cases(test_module)` runs them in
+a fresh process (the interpreter, which the other tests use, replaces Triton's compiler front end),
+with the package's `_launch` replaced so that what gets compiled is exactly what dispatch would
+start, and compiles each distinct launch for sm_80 and sm_90.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import torch
+import triton
+from triton.backends.compiler import GPUTarget
+from triton.runtime.jit import JITFunction
+
+# Largest dynamic shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
+SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+
+_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
+        torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
+
+
+class Launch:
+    def __init__(self, kernel, args, constexprs, num_warps, num_stages):
+        # Under TRITON_INTERPRET=1 the decorated kernel is an interpreter object: compile its function.
+        self.fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
+        names = self.fn.arg_names
+        self.signature = {}
+        for name, value in zip(names, args):
+            if isinstance(value, torch.Tensor):
+                self.signature[name] = _PTR[value.dtype]
+            elif isinstance(value, bool):
+                self.signature[name] = "i1"
+            elif isinstance(value, int):
+                self.signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
+            else:
+                self.signature[name] = "fp32"
+        for name in names[len(args):]:
+            self.signature[name] = "constexpr"
+        self.constexprs = dict(constexprs)
+        self.num_warps = num_warps
+        self.num_stages = num_stages
+
+    def key(self):
+        return (self.fn.__name__, tuple(sorted(self.signature.items())),
+                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())), self.num_warps, self.num_stages)
+
+    def __repr__(self):
+        flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
+        return f"{self.fn.__name__}[{flags},warps={self.num_warps},stages={self.num_stages}]"
+
+
+@contextlib.contextmanager
+def record_launches(module):
+    """Within the block, `module._launch` records Launch objects (deduplicated) instead of running."""
+    seen: dict = {}
+    original = module._launch
+
+    def fake_launch(kernel, grid, args, constexprs, num_warps, num_stages):
+        launch = Launch(kernel, args, constexprs, num_warps, num_stages)
+        seen.setdefault(launch.key(), launch)
+
+    module._launch = fake_launch
+    try:
+        yield seen
+    finally:
+        module._launch = original
+
+
+def compile_launch(launch: Launch, capability: int):
+    src = triton.compiler.ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs)
+    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
+                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+
+
+def _compile_share(test_module: str, worker: int, workers: int) -> list:
+    cases = importlib.import_module(test_module)
+    with record_launches(importlib.import_module(cases.AOT_LAUNCHER_MODULE)) as seen:
+        cases.aot_cases()
+    report = []
+    for launch in list(seen.values())[worker::workers]:
+        for capability in SHARED_LIMIT:
+            entry = {"launch": repr(launch), "capability": capability}
+            try:
+                entry["shared"] = compile_launch(launch, capability).metadata.shared
+            except Exception as err:  # reported to the test, which fails on it
+                entry["error"] = f"{type(err).__name__}: {err}"[:2000]
+            report.append(entry)
+    return report
+
+
+def compile_cases(test_module: str) -> list:
+    """Compile every launch of `test_module.aot_cases()` in clean processes (one per core).
+
+    Returns one dict per (launch, capability): its name and shared memory, or its error.
+    """
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = os.path.dirname(os.path.abspath(__file__))
+    workers = max(1, min(os.cpu_count() or 1, 8))
+    procs = []
+    for worker in range(workers):
+        code = f"import json, aot; print('AOT' + json.dumps(aot._compile_share({test_module!r}, {worker}, {workers})))"
+        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=here, env=env, text=True,
+                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+    report = []
+    for proc in procs:
+        stdout, stderr = proc.communicate()
+        lines = [line for line in stdout.splitlines() if line.startswith("AOT")]
+        if proc.returncode != 0 or not lines:
+            raise RuntimeError(f"AOT compilation process failed ({proc.returncode}):\n{stderr[-4000:]}")
+        report += json.loads(lines[-1][3:])
+    return report
