@@ -1,4 +1,4 @@
-"""Command line: ``python -m lors_kernels env`` (and ``bench``, see bench.py)."""
+"""Command line: ``python -m lors_kernels env`` and ``python -m lors_kernels bench``."""
 
 from __future__ import annotations
 
@@ -7,15 +7,27 @@ import sys
 
 
 def main(argv=None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m lors_kernels", description=__doc__)
+    from .bench import DTYPES, FAMILIES
+
+    parser = argparse.ArgumentParser(prog="python -m lors_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions, built backends and what is usable on this machine")
+    bench = sub.add_parser("bench", help="time each op family against its peers (table, JSON, PNG plot)")
+    bench.add_argument("--op", choices=[*FAMILIES, "all"], default="all")
+    bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
+    bench.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
+    bench.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (< 2 min on CPU)")
+    bench.add_argument("--json", metavar="PATH", help="default: lors_bench/bench.json")
+    bench.add_argument("--plot", metavar="PATH", help="default: lors_bench/bench.png")
     args = parser.parse_args(argv)
     if args.command == "env":
         from .backend import env_report
 
         print(env_report())
-    return 0
+        return 0
+    from .bench import main as bench_main
+
+    return bench_main(args)
 
 
 if __name__ == "__main__":

@@ -18,39 +18,44 @@ import sys
 
 import torch
 import triton
+from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 
-_PTR = {torch.float32: "*fp32", torch.float16: "*fp16", torch.bfloat16: "*bf16", torch.int32: "*i32",
-        torch.int64: "*i64", torch.uint8: "*u8", torch.bool: "*i1"}
+
+
+def _specialize(value):
+    """(type, specialization) exactly as Triton's launcher derives them (meta tensors count as aligned)."""
+    return native_specialize_impl(CUDABackend, value, False, True, True)
 
 
 class Launch:
+    """One kernel start as the JIT would compile it: the same types, divisibility-by-16 hints and
+    constant-1 specializations that `kernel[grid](...)` derives from the arguments."""
+
     def __init__(self, kernel, args, constexprs, num_warps, num_stages):
         # Under TRITON_INTERPRET=1 the decorated kernel is an interpreter object: compile its function.
         self.fn = kernel if isinstance(kernel, JITFunction) else JITFunction(kernel.fn)
         names = self.fn.arg_names
-        self.signature = {}
-        for name, value in zip(names, args):
-            if isinstance(value, torch.Tensor):
-                self.signature[name] = _PTR[value.dtype]
-            elif isinstance(value, bool):
-                self.signature[name] = "i1"
-            elif isinstance(value, int):
-                self.signature[name] = "i32" if -2**31 <= value < 2**31 else "i64"
-            else:
-                self.signature[name] = "fp32"
+        self.signature, self.attrs, self.constexprs = {}, {}, dict(constexprs)
+        for i, (name, value) in enumerate(zip(names, args)):
+            kind, spec = _specialize(value)
+            self.signature[name] = kind
+            if kind == "constexpr":
+                self.constexprs[name] = spec
+            elif isinstance(spec, str):
+                self.attrs[(i,)] = CUDABackend.parse_attr(spec)
         for name in names[len(args):]:
             self.signature[name] = "constexpr"
-        self.constexprs = dict(constexprs)
         self.num_warps = num_warps
         self.num_stages = num_stages
 
     def key(self):
-        return (self.fn.__name__, tuple(sorted(self.signature.items())),
+        return (self.fn.__name__, tuple(sorted(self.signature.items())), tuple(sorted(self.attrs)),
                 tuple(sorted((k, str(v)) for k, v in self.constexprs.items())), self.num_warps, self.num_stages)
 
     def __repr__(self):
@@ -76,7 +81,8 @@ def record_launches(module):
 
 
 def compile_launch(launch: Launch, capability: int):
-    src = triton.compiler.ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs)
+    src = triton.compiler.ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs,
+                                    attrs=launch.attrs)
     return triton.compile(src, target=GPUTarget("cuda", capability, 32),
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 

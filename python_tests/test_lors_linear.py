@@ -29,8 +29,8 @@ def make_inputs(m, k, n, r, dtype, device="cpu", bias=True, lead=(), seed=0):
         return (torch.randn(*shape, generator=g) * scale).to(device=device, dtype=dtype)
 
     x = rand(*lead, m, k)
-    weight = rand(n, k, scale=k ** -0.5)
-    down = rand(r, k, scale=k ** -0.5)
+    weight = rand(n, k, scale=max(k, 1) ** -0.5)
+    down = rand(r, k, scale=max(k, 1) ** -0.5)
     up = rand(n, r, scale=max(r, 1) ** -0.5)
     b = rand(n) if bias else None
     return x, weight, down, up, b
@@ -101,6 +101,22 @@ def test_triton_forward_backward(dtype, m, r, has_bias, use_backend):
     assert_close(y, y64, dtype, "y")
     for name, leaf, e in zip(["dx", "dweight", "ddown", "dup", "dbias"], leaves, expected):
         assert_close(leaf.grad, e, dtype, name)
+
+
+@pytest.mark.parametrize("m,k,n,r", [(4, 32, 0, 4), (4, 0, 6, 3), (0, 0, 6, 2), (3, 5, 6, 0)],
+                         ids=["out0", "in0", "rows0_in0", "rank0"])
+@pytest.mark.parametrize("backend_name", ["triton", "reference"])
+def test_degenerate_sizes(m, k, n, r, backend_name, use_backend):
+    use_backend(backend_name)
+    x, weight, down, up, bias = make_inputs(m, k, n, r, torch.float32, KERNEL_DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weight, down, up, bias)]
+    y = lk.lors_linear(x, weight, down, up, bias)
+    grad = torch.randn(y.shape, device=KERNEL_DEVICE)
+    y.backward(grad)
+    y64, expected = grads64(x, weight, down, up, bias, 1.0, grad)
+    assert_close(y, y64, torch.float32, "y")
+    for name, leaf, e in zip(["dx", "dweight", "ddown", "dup", "dbias"], leaves, expected):
+        assert_close(leaf.grad, e, torch.float32, name)
 
 
 @pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)

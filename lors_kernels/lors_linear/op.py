@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -54,17 +55,20 @@ def check_inputs(x, weight, down, up, bias) -> None:
                          + ", ".join(f"{n}={d}" for n, d in devices.items()))
 
 
+def as_rows(t: Tensor) -> Tensor:
+    """[..., F] -> [rows, F] (a view when strides allow); explicit sizes, since F or rows may be 0."""
+    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
 def _native_fits(x2: Tensor) -> bool:
     ext = backend.native()
     return (ext is not None and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16)
             and hasattr(ext, "lors_linear_forward_cpu"))
 
 
-@torch.library.custom_op("lors::lors_linear", mutates_args=())
-def _lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor],
-                 scaling: float) -> Tensor:
-    check_inputs(x, weight, down, up, bias)
-    x2 = x.reshape(-1, x.shape[-1])
+def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], scaling: float) -> Tensor:
+    """The forward on the backend that dispatch picks; inputs already checked."""
+    x2 = as_rows(x)
     fits = _native_fits(x2)
     which = backend.choose(x.device, native_fits=fits, native_wins=fits and x2.shape[0] <= NATIVE_MAX_M,
                            triton_fits=x.dtype in KERNEL_DTYPES)
@@ -79,32 +83,45 @@ def _lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Opti
     return y.reshape(*x.shape[:-1], weight.shape[0])
 
 
-@_lors_linear.register_fake
+def backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float, has_bias: bool,
+             needs_x: bool):
+    """(dx or None, dweight, ddown, dup, dbias or None)."""
+    x2, g2 = as_rows(x), as_rows(grad)
+    if backend.choose(x.device, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
+        from . import triton as kernels
+
+        grads = kernels.lors_linear_backward(g2, x2, weight, down, up, scaling, has_bias, needs_x)
+    else:
+        grads = reference.lors_linear_backward(g2, x2, weight, down, up, scaling, has_bias, needs_x)
+    dx, dweight, ddown, dup, dbias = grads
+    return (dx.reshape(x.shape) if needs_x else None), dweight, ddown, dup, dbias
+
+
+# The registered op: what torch.compile sees (opaque to the graph, with a fake impl and autograd).
+
+
+@torch.library.custom_op("lors::lors_linear", mutates_args=())
+def _lors_linear_op(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor],
+                    scaling: float) -> Tensor:
+    check_inputs(x, weight, down, up, bias)
+    return forward(x, weight, down, up, bias, scaling)
+
+
+@_lors_linear_op.register_fake
 def _(x, weight, down, up, bias, scaling):
     check_inputs(x, weight, down, up, bias)
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
 @torch.library.custom_op("lors::lors_linear_backward", mutates_args=())
-def _lors_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float,
-                          has_bias: bool, needs_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, ddown, dup, dbias); dx and dbias are empty when not asked for."""
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    g2 = grad.reshape(-1, grad.shape[-1])
-    if backend.choose(x.device, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
-        from . import triton as kernels
-
-        dx, dweight, ddown, dup, dbias = kernels.lors_linear_backward(g2, x2, weight, down, up, scaling,
-                                                                      has_bias, needs_x)
-    else:
-        dx, dweight, ddown, dup, dbias = reference.lors_linear_backward(g2, x2, weight, down, up, scaling,
-                                                                        has_bias, needs_x)
-    dx = dx.reshape(x.shape) if needs_x else x.new_empty(0)
-    return dx, dweight, ddown, dup, dbias if has_bias else weight.new_empty(0)
+def _lors_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float,
+                             has_bias: bool, needs_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+    """(dx, dweight, ddown, dup, dbias); dx and dbias are empty when not asked for (ops return tensors)."""
+    dx, dweight, ddown, dup, dbias = backward(grad, x, weight, down, up, scaling, has_bias, needs_x)
+    return (x.new_empty(0) if dx is None else dx), dweight, ddown, dup, (weight.new_empty(0) if dbias is None else dbias)
 
 
-@_lors_linear_backward.register_fake
+@_lors_linear_backward_op.register_fake
 def _(grad, x, weight, down, up, scaling, has_bias, needs_x):
     return (x.new_empty(x.shape if needs_x else (0,)), torch.empty_like(weight), torch.empty_like(down),
             torch.empty_like(up), weight.new_empty((weight.shape[0],) if has_bias else (0,)))
@@ -117,15 +134,31 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _backward(ctx, grad):
+def _op_backward(ctx, grad):
     x, weight, down, up = ctx.saved_tensors
     needs_x = ctx.needs_input_grad[0]
-    dx, dweight, ddown, dup, dbias = _lors_linear_backward(grad, x, weight, down, up, ctx.scaling,
-                                                           ctx.has_bias, needs_x)
-    return (dx if needs_x else None, dweight, ddown, dup, dbias if ctx.has_bias else None, None)
+    dx, dweight, ddown, dup, dbias = torch.ops.lors.lors_linear_backward(grad, x, weight, down, up, ctx.scaling,
+                                                                         ctx.has_bias, needs_x)
+    return (dx if needs_x else None), dweight, ddown, dup, (dbias if ctx.has_bias else None), None
 
 
-_lors_linear.register_autograd(_backward, setup_context=_setup_context)
+_lors_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
+
+
+class _LorsLinearFunction(torch.autograd.Function):
+    """Eager twin of the registered op: the same forward/backward without torch.library's Python
+    dispatch, which costs ~30 us a call (more than a whole small-M matmul)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, down, up, bias, scaling):  # ctx-style: apply() skips signature binding
+        _setup_context(ctx, (x, weight, down, up, bias, scaling), None)
+        return forward(x, weight, down, up, bias, scaling)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, down, up = ctx.saved_tensors
+        grads = backward(grad, x, weight, down, up, ctx.scaling, ctx.has_bias, ctx.needs_input_grad[0])
+        return (*grads, None)
 
 
 def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *,
@@ -134,8 +167,12 @@ def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optio
 
     x [..., in], weight [out, in] (the shared weight), down [R, in], up [out, R], bias [out] or None.
     R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
+    Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
     """
     for name, t in (("x", x), ("weight", weight), ("down", down), ("up", up), ("bias", bias)):
         if not isinstance(t, Tensor) and not (name == "bias" and t is None):
             raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
-    return _lors_linear(x, weight, down, up, bias, float(scaling))
+    if torch.compiler.is_compiling():
+        return torch.ops.lors.lors_linear(x, weight, down, up, bias, float(scaling))
+    check_inputs(x, weight, down, up, bias)
+    return _LorsLinearFunction.apply(x, weight, down, up, bias, float(scaling))

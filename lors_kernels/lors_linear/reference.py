@@ -8,6 +8,8 @@ than the two thin matmuls (large M), never for small M.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -21,28 +23,23 @@ def lors_linear(x, weight, down, up, bias=None, scaling: float = 1.0):
     r = down.shape[0]
     if r == 0:
         return F.linear(x, weight, bias)
-    m = x.numel() // max(x.shape[-1], 1)
+    m = math.prod(x.shape[:-1])
     if materialize_is_cheaper(m, weight.shape[0], weight.shape[1], r):
         return F.linear(x, torch.addmm(weight, up, down, alpha=scaling), bias)
     return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, down), up)
 
 
 def lors_linear_backward(grad, x, weight, down, up, scaling: float, has_bias: bool, needs_x: bool):
-    """Every gradient of :func:`lors_linear` from the formulas, on 2-D views.
+    """Every gradient of :func:`lors_linear` from the formulas; grad [M, N] and x [M, K].
 
     dx = g W + s (g up) down,  dW = g^T x,  dup = s g^T (x down^T),  ddown = s (g up)^T x,  db = sum g.
     Returns (dx or None, dweight, ddown, dup, dbias or None).
     """
-    k = x.shape[-1]
-    x2 = x.reshape(-1, k)
-    g2 = grad.reshape(-1, grad.shape[-1])
-    t = x2 @ down.t()  # [M, R]
-    gu = g2 @ up  # [M, R]
-    dx = None
-    if needs_x:
-        dx = (g2 @ weight + scaling * (gu @ down)).reshape(x.shape)
-    dweight = g2.t() @ x2
-    dup = scaling * (g2.t() @ t)
-    ddown = scaling * (gu.t() @ x2)
-    dbias = g2.sum(0) if has_bias else None
+    t = x @ down.t()  # [M, R]
+    gu = grad @ up  # [M, R]
+    dx = grad @ weight + scaling * (gu @ down) if needs_x else None
+    dweight = grad.t() @ x
+    dup = scaling * (grad.t() @ t)
+    ddown = scaling * (gu.t() @ x)
+    dbias = grad.sum(0) if has_bias else None
     return dx, dweight, ddown, dup, dbias

@@ -7,13 +7,11 @@ One GEMM kernel serves the forward and both backward products. It computes
 with T = A @ down either accumulated in the same K loop (the shrink fused into the GEMM: one
 launch, used for small M where the GEMM is bound by reading B) or read from memory (a K-extended
 GEMM over [A | T] . [B ; up], used for large M where recomputing T per column tile costs more than
-one extra pass over A). Side outputs let the weight-gradient GEMM carry the low-rank gradients:
+one extra pass over A). With STORE_T the first column of programs writes T out, which lets the
+weight-gradient GEMM dW = dy^T x carry dup = dy^T (x down^T) and dbias = dy^T 1 as a side output.
 
-    T_out = side_scale * A @ down       (first column of programs: dup in the backward)
-    E_out = side_scale * G @ B          (first row of programs:    ddown in the backward)
-    rowsum(A)                           (first column of programs: dbias in the backward)
-
-All operands are strided 2-D views, so W^T, dy^T and friends are never copied.
+All operands are strided 2-D views, so W^T, dy^T and friends are never copied. Offsets are 64-bit:
+a transposed read of dy [M, N] reaches M*N elements, past 2^31 for large vocabularies.
 """
 
 from __future__ import annotations
@@ -24,8 +22,8 @@ import torch
 import triton
 import triton.language as tl
 
-# Largest rank whose T (or E) tile lives in registers next to the accumulator. Larger ranks take
-# the K-extended path in the forward/dx and separate launches for dup/ddown.
+# Largest rank whose T tile lives in registers next to the accumulator. Larger ranks take the
+# K-extended path in the forward/dx and a separate thin GEMM for dup in the backward.
 MAX_FUSED_RANK = 64
 # Up to this M the shrink is fused (one launch); above it T is computed once and read back.
 MAX_FUSED_M = 256
@@ -33,19 +31,14 @@ MAX_FUSED_M = 256
 
 @triton.jit
 def lors_matmul_kernel(
-    a_ptr, b_ptr, c_ptr, bias_ptr,
-    down_ptr, up_ptr, t_ptr,
-    g_ptr, e_ptr, rowsum_ptr,
-    M, N, K, R, scaling, side_scale,
+    a_ptr, b_ptr, c_ptr, bias_ptr, down_ptr, up_ptr, t_ptr,
+    M, N, K, R, scaling,
     stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
     stride_dk, stride_dr, stride_ur, stride_un, stride_tm, stride_tr,
-    stride_gr, stride_gk, stride_er, stride_en,
     HAS_BIAS: tl.constexpr,   # C += bias[None, :]
     SHRINK: tl.constexpr,     # T = A @ down inside the K loop
     EXPAND: tl.constexpr,     # C += scaling * T @ up (T from SHRINK, else read from t_ptr)
-    STORE_T: tl.constexpr,    # first column of programs writes side_scale * T to t_ptr
-    ROW_EXT: tl.constexpr,    # first row of programs writes side_scale * G @ B to e_ptr
-    ROWSUM: tl.constexpr,     # first column of programs writes rowsum(A) to rowsum_ptr
+    STORE_T: tl.constexpr,    # the first column of programs writes T to t_ptr
     DOT_DTYPE: tl.constexpr,
     PRECISION: tl.constexpr,  # "ieee" or "tf32" for fp32 dots
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
@@ -61,9 +54,9 @@ def lors_matmul_kernel(
     pid_m = first_pid_m + (pid % pids_in_group) % group_rows
     pid_n = (pid % pids_in_group) // group_rows
 
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    offs_k = tl.arange(0, BLOCK_K)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
     offs_r = tl.arange(0, BLOCK_R)
     mask_m = offs_m < M
     mask_n = offs_n < N
@@ -73,8 +66,6 @@ def lors_matmul_kernel(
     shrink_here = (pid_n == 0) | EXPAND
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    e = tl.zeros((BLOCK_R, BLOCK_N), dtype=tl.float32)
-    a_sum = tl.zeros((BLOCK_M,), dtype=tl.float32)
     for k0 in range(0, K, BLOCK_K):
         ks = k0 + offs_k
         mask_k = ks < K
@@ -88,46 +79,30 @@ def lors_matmul_kernel(
                 down = tl.load(down_ptr + ks[:, None] * stride_dk + offs_r[None, :] * stride_dr,
                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
                 t = tl.dot(a, down, t, input_precision=PRECISION)
-        if ROW_EXT:
-            if pid_m == 0:
-                g = tl.load(g_ptr + offs_r[:, None] * stride_gr + ks[None, :] * stride_gk,
-                            mask=mask_r[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
-                e = tl.dot(g, b, e, input_precision=PRECISION)
-        if ROWSUM:
-            if pid_n == 0:
-                a_sum += tl.sum(a.to(tl.float32), axis=1)
 
     if EXPAND:
-        # The low-rank term is added in fp32: T keeps its accumulator precision.
+        # T meets up in the inputs' dtype, as in eager code: tensor-core dots, no fp32 epilogue.
         if SHRINK:
             up = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-            acc = tl.dot(t * scaling, up, acc, input_precision=PRECISION)
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+            acc = tl.dot((t * scaling).to(DOT_DTYPE), up, acc, input_precision=PRECISION)
         else:
             for r0 in range(0, R, BLOCK_R):
                 rs = r0 + offs_r
                 mask_rs = rs < R
                 t_blk = tl.load(t_ptr + offs_m[:, None] * stride_tm + rs[None, :] * stride_tr,
-                                mask=mask_m[:, None] & mask_rs[None, :], other=0.0).to(tl.float32)
+                                mask=mask_m[:, None] & mask_rs[None, :], other=0.0)
                 up = tl.load(up_ptr + rs[:, None] * stride_ur + offs_n[None, :] * stride_un,
-                             mask=mask_rs[:, None] & mask_n[None, :], other=0.0).to(tl.float32)
-                acc = tl.dot(t_blk * scaling, up, acc, input_precision=PRECISION)
+                             mask=mask_rs[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+                acc = tl.dot((t_blk * scaling).to(DOT_DTYPE), up, acc, input_precision=PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
-
     if STORE_T:
         if pid_n == 0:
             tl.store(t_ptr + offs_m[:, None] * stride_tm + offs_r[None, :] * stride_tr,
-                     (t * side_scale).to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
-    if ROW_EXT:
-        if pid_m == 0:
-            tl.store(e_ptr + offs_r[:, None] * stride_er + offs_n[None, :] * stride_en,
-                     (e * side_scale).to(e_ptr.dtype.element_ty), mask=mask_r[:, None] & mask_n[None, :])
-    if ROWSUM:
-        if pid_n == 0:
-            tl.store(rowsum_ptr + offs_m, a_sum.to(rowsum_ptr.dtype.element_ty), mask=mask_m)
+                     t.to(t_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_r[None, :])
 
 
 class Config(NamedTuple):
@@ -178,41 +153,32 @@ def _launch(kernel, grid, args, constexprs, num_warps, num_stages):
     kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
 
 
-def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, g=None, e_out=None,
-                rowsum_out=None, scaling=1.0, side_scale=1.0):
-    """out[M, N] = a @ b (+ scaling * T @ up) (+ bias), with the side outputs of the kernel.
+def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, scaling=1.0):
+    """out[M, N] = a @ b (+ scaling * T @ up) (+ bias); T = a @ down when `down` is given, else `t`.
 
-    a [M, K], b [K, N], down [K, R], up [R, N], t / t_out [M, R], g [R, K], e_out [R, N],
-    rowsum_out [M]: any strides. T is a @ down when `down` is given, else `t`.
+    a [M, K], b [K, N], down [K, R], up [R, N], t / t_out [M, R]: any strides. `t_out` receives T.
     """
     m, k = a.shape
     n = b.shape[1]
-    r = down.shape[1] if down is not None else t.shape[1] if t is not None else g.shape[0] if g is not None else 0
-    fused = down is not None or g is not None
-    assert not fused or r <= MAX_FUSED_RANK, "fused low-rank tiles hold at most MAX_FUSED_RANK columns"
+    r = down.shape[1] if down is not None else t.shape[1] if t is not None else 0
+    assert down is None or r <= MAX_FUSED_RANK, "a fused T tile holds at most MAX_FUSED_RANK columns"
     if m == 0 or n == 0:
         return out
     cfg = pick_config(m, a.dtype if a.dtype.itemsize == 2 else b.dtype)
     block_r = min(rank_block(r), MAX_FUSED_RANK)  # given-T mode loops over R in blocks of this size
-    dummy = out
-
-    def ptr(x):
-        return dummy if x is None else x
+    t_any = t if t is not None else t_out
 
     def strides(x):
         return (0, 0) if x is None else tuple(x.stride())
 
     args = (
-        a, b, out, ptr(bias), ptr(down), ptr(up), ptr(t if t is not None else t_out),
-        ptr(g), ptr(e_out), ptr(rowsum_out),
-        m, n, k, r, float(scaling), float(side_scale),
-        *a.stride(), *b.stride(), *out.stride(),
-        *strides(down), *strides(up), *strides(t if t is not None else t_out),
-        *strides(g), *strides(e_out),
+        a, b, out, out if bias is None else bias, out if down is None else down, out if up is None else up,
+        out if t_any is None else t_any,
+        m, n, k, r, float(scaling),
+        *a.stride(), *b.stride(), *out.stride(), *strides(down), *strides(up), *strides(t_any),
     )
     constexprs = dict(
-        HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None,
-        STORE_T=t_out is not None, ROW_EXT=g is not None, ROWSUM=rowsum_out is not None,
+        HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None, STORE_T=t_out is not None,
         DOT_DTYPE=_dot_dtype(a, b), PRECISION=_precision(),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r, GROUP_M=8,
     )
@@ -241,7 +207,12 @@ def lors_linear_forward(x, weight, down, up, bias, scaling):
 def lors_linear_backward(grad, x, weight, down, up, scaling, has_bias, needs_x):
     """grad [M, N], x [M, K] -> (dx or None, dweight, ddown, dup, dbias or None).
 
-    T = x @ down^T is recomputed rather than saved: it reads x once, R/N of the forward's work.
+    With s folded into the thin operands (s*down, s*up: R*(K+N) elements):
+      T1 = [x (s down)^T | 1]          recomputed rather than saved: one read of x, R/N of the forward
+      dx = grad W + (grad s up) down   one launch, which also writes G = grad (s up)
+      [dW | dup | dbias] = grad^T [x | T1]   one GEMM over M; dup and dbias come from its first column
+      ddown = G^T x                    its own thin GEMM: as a side output of the dW GEMM it doubled
+                                       that kernel's registers and cost it a pipeline stage (sm_90 AOT)
     """
     m, k = x.shape
     n, r = weight.shape[0], down.shape[0]
@@ -250,32 +221,31 @@ def lors_linear_backward(grad, x, weight, down, up, scaling, has_bias, needs_x):
         return torch.empty(shape, device=x.device, dtype=dtype)
 
     dx = empty(m, k) if needs_x else None
-    dweight, ddown, dup = empty(n, k), empty(r, k), empty(n, r)
-    dbias = empty(n) if has_bias else None
-    if k == 0:  # no column tiles to carry the side outputs: dup = grad^T @ (x @ down^T) = 0
-        dup.zero_()
-        return dx, dweight, ddown, dup, grad.sum(0) if has_bias else None
-    if r == 0:
-        if needs_x:
-            lors_matmul(grad, weight, dx)
-        lors_matmul(grad.t(), x, dweight, rowsum_out=dbias)
-        return dx, dweight, ddown, dup, dbias
+    dweight, ddown = empty(n, k), empty(r, k)
+    if k == 0:  # no column tiles: every product over K is empty
+        return dx, dweight, ddown, empty(n, r).zero_(), grad.sum(0) if has_bias else None
 
-    t = lors_matmul(x, down.t(), empty(m, r, dtype=torch.float32))
-    gu = empty(m, r, dtype=torch.float32)  # grad @ up
-    if needs_x and _fuse_shrink(m, r):
-        lors_matmul(grad, weight, dx, down=up, up=down, t_out=gu, scaling=scaling)
+    # T1 = [x (s down)^T | 1]: the ones column turns the dW GEMM's side output into dbias.
+    t1 = empty(m, r + has_bias, dtype=torch.float32)
+    if has_bias:
+        t1[:, r].fill_(1.0)
+    if r:
+        lors_matmul(x, (down * scaling).t(), t1[:, :r])
+    g = empty(m, r, dtype=torch.float32)  # grad @ (s up)
+    if r and needs_x and _fuse_shrink(m, r):
+        lors_matmul(grad, weight, dx, down=(up * scaling), up=down, t_out=g)
     else:
-        lors_matmul(grad, up, gu)
+        if r:
+            lors_matmul(grad, up * scaling, g)
         if needs_x:
-            lors_matmul(grad, weight, dx, t=gu, up=down, scaling=scaling)
-    if r <= MAX_FUSED_RANK:
-        # One GEMM over M: dW tiles, dup from the first column (grad^T @ T), ddown from the first
-        # row (gu^T @ x), dbias as row sums of grad^T.
-        lors_matmul(grad.t(), x, dweight, down=t, t_out=dup, g=gu.t(), e_out=ddown, rowsum_out=dbias,
-                    side_scale=scaling)
+            lors_matmul(grad, weight, dx, t=g if r else None, up=down if r else None)
+
+    side = empty(n, r + has_bias)  # [dup | dbias]
+    if 0 < r + has_bias <= MAX_FUSED_RANK:
+        lors_matmul(grad.t(), x, dweight, down=t1, t_out=side)
     else:
-        lors_matmul(grad.t(), x, dweight, rowsum_out=dbias)
-        lors_matmul(grad.t(), t, dup).mul_(scaling)
-        lors_matmul(gu.t(), x, ddown).mul_(scaling)
-    return dx, dweight, ddown, dup, dbias
+        lors_matmul(grad.t(), x, dweight)
+        lors_matmul(grad.t(), t1, side)
+    lors_matmul(g.t(), x, ddown)
+    dup = side[:, :r].contiguous()
+    return dx, dweight, ddown, dup, side[:, r].contiguous() if has_bias else None

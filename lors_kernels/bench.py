@@ -1,0 +1,291 @@
+"""Benchmarks: the standard cases of each op family against their peers, timed in the same run.
+
+Used by ``python -m lors_kernels bench`` (table, JSON, plot) and by the pytest-benchmark suites in
+``bench/`` (which import the cases from here, so both measure the same thing).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import platform
+import statistics
+import time
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+
+DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+OURS = "lors_kernels"
+MODES = ("fwd", "fwd+bwd")
+# What the pytest-benchmark suites run on: the GPU in bf16 where there is one, else the CPU in fp32.
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
+
+
+@dataclasses.dataclass
+class Case:
+    """One shape of one op family: each provider is a zero-argument callable doing the work once."""
+
+    family: str
+    mode: str  # "fwd" or "fwd+bwd"
+    shape: dict
+    providers: dict[str, Callable[[], object]]
+    # Target ratios time(ours) / time(peer) that the op's issue sets: {peer: max ratio}.
+    targets: dict[str, float] = dataclasses.field(default_factory=dict)
+
+    @property
+    def label(self) -> str:
+        return " ".join(f"{k}={v}" for k, v in self.shape.items())
+
+
+def _forward_backward(fn, inputs, grad_out):
+    """fwd+bwd without accumulating into .grad, so every provider does the same extra work: none."""
+
+    def run():
+        y = fn()
+        return torch.autograd.grad(y, inputs, grad_out)
+
+    return run
+
+
+# ------------------------------------------------------------------------------------------- lors_linear
+
+
+def lors_linear_grid(device: str, quick: bool):
+    """(M, in=out, R) triples. GPUs take the issue's full grid; CPUs skip the multi-second shapes."""
+    if device == "cuda":
+        ms, dims, ranks = (1, 16, 256, 4096), (256, 1024, 4096), (8, 32)
+        if quick:
+            ms, dims, ranks = (1, 4096), (1024, 4096), (8,)
+    else:
+        ms, dims, ranks = (1, 16, 256), (256, 1024, 4096), (8, 32)
+        if quick:
+            ms, dims, ranks = (1, 16, 256), (256, 1024), (8,)
+    return [(m, d, r) for d in dims for m in ms for r in ranks]
+
+
+def lors_linear_providers(x, weight, down, up, bias, scaling=1.0):
+    import lors_kernels as lk
+
+    return {
+        OURS: lambda: lk.lors_linear(x, weight, down, up, bias, scaling=scaling),
+        "dense F.linear": lambda: F.linear(x, weight, bias),
+        "peft eager": lambda: F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, down), up),
+        "materialize": lambda: F.linear(x, torch.addmm(weight, up, down, alpha=scaling), bias),
+    }
+
+
+def lors_linear_case(device: str, dtype: torch.dtype, m: int, d: int, r: int, mode: str) -> Case:
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=1.0):
+        return (torch.randn(*shape, generator=g) * std).to(device=device, dtype=dtype)
+
+    inputs = [rand(m, d), rand(d, d, std=d ** -0.5), rand(r, d, std=d ** -0.5), rand(d, r, std=r ** -0.5), rand(d)]
+    shape = {"M": m, "in=out": d, "R": r}
+    targets = lors_linear_targets(device, m, d, mode)
+    if mode == "fwd":
+        return Case("lors_linear", mode, shape, lors_linear_providers(*inputs), targets)
+    leaves = [t.detach().requires_grad_() for t in inputs]
+    x, weight, _, _, bias = leaves
+    grad_out = rand(m, d)
+    providers = {name: _forward_backward(fn, [x, weight, bias] if name == "dense F.linear" else leaves, grad_out)
+                 for name, fn in lors_linear_providers(*leaves).items()}
+    return Case("lors_linear", mode, shape, providers, targets)
+
+
+def lors_linear_cases(device: str, dtype: torch.dtype, quick: bool = False):
+    return [lors_linear_case(device, dtype, m, d, r, mode)
+            for m, d, r in lors_linear_grid(device, quick) for mode in MODES]
+
+
+def lors_linear_targets(device: str, m: int, d: int, mode: str) -> dict:
+    """The foundation issue's targets, as max time(ours)/time(peer)."""
+    if device == "cuda":
+        targets = {"peft eager": 1 / 1.4}
+        if m >= 4096:
+            targets["dense F.linear"] = 1.05 if mode == "fwd" else 1.10
+        return targets
+    if mode == "fwd" and m <= 16:
+        return {"peft eager": 1 / 1.3} if d <= 256 else {"dense F.linear": 1.1}
+    return {}
+
+
+FAMILIES = {"lors_linear": lors_linear_cases}
+
+
+# ------------------------------------------------------------------------------------------------ timing
+
+
+def _sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def time_provider(fn: Callable, device: str, budget_s: float = 0.3) -> dict:
+    """Median and spread (interquartile range) of one call, in milliseconds, after warm-up.
+
+    CUDA: events around each call, median of >= 20. CPU: wall clock, >= 5 calls or `budget_s`.
+    """
+    fn()  # warm-up: compilation, autotuning, allocator
+    _sync(device)
+    if device == "cuda":
+        start = time.perf_counter()
+        fn()
+        torch.cuda.synchronize()
+        once = time.perf_counter() - start
+        reps = max(20, min(1000, int(budget_s / max(once, 1e-6))))
+        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
+        for begin, end in events:
+            begin.record()
+            fn()
+            end.record()
+        torch.cuda.synchronize()
+        times = [begin.elapsed_time(end) for begin, end in events]
+    else:
+        times = []
+        deadline = time.perf_counter() + budget_s
+        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
+            start = time.perf_counter()
+            fn()
+            times.append((time.perf_counter() - start) * 1e3)
+    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
+    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "n": len(times)}
+
+
+def peak_memory(fn: Callable, device: str):
+    """Peak bytes allocated by one call beyond what was allocated before it (CUDA only)."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    before = torch.cuda.memory_allocated()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def machine_info(device: str, dtype: str) -> dict:
+    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
+            "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "dtype": dtype,
+            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    if device == "cuda":
+        info["gpu"] = torch.cuda.get_device_name()
+        info["driver"] = getattr(torch.version, "cuda", None)
+    return info
+
+
+def run(families, device: str, dtype: str, quick: bool, progress=True) -> dict:
+    """Time every provider of every case; returns the JSON-ready results."""
+    cases = [case for family in families for case in FAMILIES[family](device, DTYPES[dtype], quick)]
+    budget = 0.1 if quick else 0.3
+    results = []
+    bar = _progress(len(cases) * max(len(c.providers) for c in cases), progress)
+    for case in cases:
+        row = {"family": case.family, "mode": case.mode, "shape": case.shape, "label": case.label,
+               "times": {}, "peak_bytes": {}, "targets": case.targets}
+        for name, fn in case.providers.items():
+            bar.set_description(f"{case.family} {case.mode} {case.label} {name}"[:60])
+            row["times"][name] = time_provider(fn, device, budget)
+            row["peak_bytes"][name] = peak_memory(fn, device)
+            bar.update(1)
+        ours = row["times"][OURS]["median_ms"]
+        row["ratios"] = {peer: ours / t["median_ms"] for peer, t in row["times"].items() if peer != OURS}
+        row["meets"] = {peer: row["ratios"][peer] <= limit for peer, limit in case.targets.items()}
+        results.append(row)
+    bar.close()
+    return {"machine": machine_info(device, dtype), "quick": quick, "results": results}
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, disable=not enabled, leave=False, dynamic_ncols=True)
+
+
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    results = report["results"]
+    for family in dict.fromkeys(r["family"] for r in results):
+        rows = [r for r in results if r["family"] == family]
+        peers = [p for p in rows[0]["times"] if p != OURS]
+        header = ["mode", "shape", f"{OURS} ms"] + [f"{p} ms" for p in peers] + [f"÷{p}" for p in peers] + ["target"]
+        if report["machine"]["device"] == "cuda":
+            header.insert(3, "peak MiB")
+        table = []
+        for r in rows:
+            cells = [r["mode"], r["label"], f"{r['times'][OURS]['median_ms']:.4f}"]
+            if report["machine"]["device"] == "cuda":
+                cells.append(f"{(r['peak_bytes'][OURS] or 0) / 2**20:.1f}")
+            cells += [f"{r['times'][p]['median_ms']:.4f}" for p in peers]
+            cells += [f"{r['ratios'][p]:.2f}" for p in peers]
+            verdicts = [f"{'PASS' if ok else 'FAIL'} ≤{r['targets'][p]:.2f}×{p.split()[0]}" for p, ok in r["meets"].items()]
+            cells.append(", ".join(verdicts) or "-")
+            table.append(cells)
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+        lines.append(f"\n{family}  (ratio = time ours / time peer: below 1 is faster)")
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
+
+
+def plot(report: dict, path: str) -> None:
+    """Speed-up of ours over each peer, case by case, one panel per family."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    results = report["results"]
+    families = list(dict.fromkeys(r["family"] for r in results))
+    fig, axes = plt.subplots(len(families), 1, figsize=(11, 4 * len(families)), squeeze=False)
+    for ax, family in zip(axes[:, 0], families):
+        rows = [r for r in results if r["family"] == family]
+        peers = [p for p in rows[0]["times"] if p != OURS]
+        xs = range(len(rows))
+        for peer in peers:
+            ax.plot(xs, [1 / r["ratios"][peer] for r in rows], marker="o", label=f"vs {peer}")
+        ax.axhline(1.0, color="grey", lw=0.8)
+        ax.set_yscale("log")
+        ax.set_xticks(list(xs), [f"{r['mode']}\n{r['label']}" for r in rows], rotation=90, fontsize=6)
+        ax.set_ylabel("speed-up (peer time / our time)")
+        m = report["machine"]
+        ax.set_title(f"{family} — {m.get('gpu', m['cpu'])}, {m['dtype']}, torch {m['torch']}")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(args) -> int:
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
+    dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
+    families = list(FAMILIES) if args.op == "all" else [args.op]
+    print(f"lors_kernels bench: {', '.join(families)} on {device}, {dtype}{' (quick)' if args.quick else ''}; "
+          "versions and backends: python -m lors_kernels env")
+    report = run(families, device, dtype, args.quick)
+    print(format_table(report))
+    out_dir = "lors_bench"
+    json_path = args.json or os.path.join(out_dir, "bench.json")
+    plot_path = args.plot or os.path.join(out_dir, "bench.png")
+    for path in (json_path, plot_path):
+        os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
+    with open(json_path, "w") as f:
+        json.dump(report, f, indent=1)
+    plot(report, plot_path)
+    print(f"\nwrote {json_path} and {plot_path}")
+    return 0
