@@ -15,6 +15,7 @@ for the case, else the reference. ``LORS_KERNELS_BACKEND`` or :func:`set_backend
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import importlib.util
 import os
@@ -66,7 +67,8 @@ def forced_backend() -> str | None:
     """The override in force: :func:`set_backend` first, then ``LORS_KERNELS_BACKEND``."""
     if _override is not None:
         return _override
-    return _canonical(os.environ.get("LORS_KERNELS_BACKEND"))
+    name = os.environ.get("LORS_KERNELS_BACKEND")
+    return _canonical(name) if name else None
 
 
 def native():
@@ -87,6 +89,7 @@ def native():
     return _native
 
 
+@functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None
 
@@ -102,15 +105,19 @@ def triton_runs_on(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
 
 
-def choose(device: torch.device, native_fits: bool, native_wins: bool | None = None,
-           triton_fits: bool = True) -> str:
-    """The backend that runs one call: the override if any, else the automatic choice.
+def choose(x: torch.Tensor, native_fits: bool, native_wins: bool | None = None, triton_fits: bool = True) -> str:
+    """The backend that runs one call on tensors like ``x``: the override if any, else the automatic choice.
 
     ``native_fits``: the op has a native kernel built for this device and this case;
     ``native_wins``: the automatic choice should take it (measured faster for this case);
     ``triton_fits``: the Triton kernels handle this case (float64, for one, only the reference does).
     """
     forced = forced_backend()
+    if forced is None:  # the common case first: it runs on every call
+        if x.is_cuda and triton_fits and triton_available():
+            return "triton"
+        return "native" if (native_fits if native_wins is None else native_wins) else "reference"
+    device = x.device
     if forced == "triton":
         if not triton_fits:
             raise RuntimeError("lors_kernels backend 'triton' has no kernel for this call "
@@ -129,12 +136,6 @@ def choose(device: torch.device, native_fits: bool, native_wins: bool | None = N
                 f"({'extension not built: ' + str(_native_error) if native() is None else 'unsupported case'})"
             )
         return "native"
-    if forced == "reference":
-        return "reference"
-    if device.type == "cuda" and triton_fits and triton_available():
-        return "triton"
-    if native_fits if native_wins is None else native_wins:
-        return "native"
     return "reference"
 
 
@@ -147,7 +148,8 @@ def env_report() -> str:
     if triton_available():
         import triton
 
-        mode = "interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled"
+        mode = ("interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled" if torch.cuda.is_available()
+                else "no CUDA device: runs on CPU tensors only with TRITON_INTERPRET=1")
         lines.append(f"triton      {triton.__version__} [{mode}]")
     else:
         lines.append("triton      not installed")

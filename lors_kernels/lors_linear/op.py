@@ -13,8 +13,16 @@ from . import reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 runs on the reference
-# The native CPU kernel streams the weight once per call: it wins while M rows fit beside it in cache.
-NATIVE_MAX_M = 16
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ CPU kernel's
+
+
+def native_wins(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Where the native CPU kernel (one pass over the weight) beat eager PyTorch, measured on the
+    project's 2-core AMD EPYC: fp32 up to M = 16 at every size; bf16 only for the smallest products,
+    because torch's bf16 GEMM uses the CPU's AVX512-BF16 dot instructions and the kernel does not."""
+    if dtype == torch.float32:
+        return m <= 16
+    return m <= 2 or m * n * k <= 1 << 22
 
 
 def _shape(t: Tensor) -> str:
@@ -22,9 +30,27 @@ def _shape(t: Tensor) -> str:
 
 
 def check_inputs(x, weight, down, up, bias) -> None:
+    """Raise a clear error for bad input; the common valid case costs a few attribute reads."""
+    try:
+        ws, ds, us, dtype, device = weight.shape, down.shape, up.shape, x.dtype, x.device
+        if (len(ws) == 2 and len(ds) == 2 and len(us) == 2 and x.ndim >= 1
+                and x.shape[-1] == ws[1] == ds[1] and us[0] == ws[0] and us[1] == ds[0]
+                and dtype in FLOAT_DTYPES and weight.dtype == dtype and down.dtype == dtype and up.dtype == dtype
+                and weight.device == device and down.device == device and up.device == device
+                and (bias is None or (bias.shape == ws[:1] and bias.dtype == dtype and bias.device == device))):
+            return
+    except AttributeError:  # not a tensor: said below
+        pass
+    _explain_bad_inputs(x, weight, down, up, bias)
+
+
+def _explain_bad_inputs(x, weight, down, up, bias) -> None:
     named = {"x": x, "weight": weight, "down": down, "up": up}
     if bias is not None:
         named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
     for name, t in named.items():
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {FLOAT_DTYPES}")
@@ -50,28 +76,23 @@ def check_inputs(x, weight, down, up, bias) -> None:
         raise TypeError("lors_linear: all tensors must share one dtype, got "
                         + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
     devices = {name: t.device for name, t in named.items()}
-    if len(set(devices.values())) > 1:
-        raise ValueError("lors_linear: all tensors must be on one device, got "
-                         + ", ".join(f"{n}={d}" for n, d in devices.items()))
+    raise ValueError("lors_linear: all tensors must be on one device, got "
+                     + ", ".join(f"{n}={d}" for n, d in devices.items()))
 
 
 def as_rows(t: Tensor) -> Tensor:
     """[..., F] -> [rows, F] (a view when strides allow); explicit sizes, since F or rows may be 0."""
-    return t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-def _native_fits(x2: Tensor) -> bool:
-    ext = backend.native()
-    return (ext is not None and x2.device.type == "cpu" and x2.dtype in (torch.float32, torch.bfloat16)
-            and hasattr(ext, "lors_linear_forward_cpu"))
 
 
 def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], scaling: float) -> Tensor:
     """The forward on the backend that dispatch picks; inputs already checked."""
     x2 = as_rows(x)
-    fits = _native_fits(x2)
-    which = backend.choose(x.device, native_fits=fits, native_wins=fits and x2.shape[0] <= NATIVE_MAX_M,
-                           triton_fits=x.dtype in KERNEL_DTYPES)
+    fits = x.is_cpu and x.dtype in NATIVE_DTYPES and backend.native() is not None
+    wins = fits and native_wins(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
+    which = backend.choose(x, native_fits=fits, native_wins=wins, triton_fits=x.dtype in KERNEL_DTYPES)
     if which == "triton":
         from . import triton as kernels
 
@@ -80,14 +101,14 @@ def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[
         y = backend.native().lors_linear_forward_cpu(x2, weight, down, up, bias, scaling)
     else:
         y = reference.lors_linear(x2, weight, down, up, bias, scaling)
-    return y.reshape(*x.shape[:-1], weight.shape[0])
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
 
 
 def backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float, has_bias: bool,
              needs_x: bool):
     """(dx or None, dweight, ddown, dup, dbias or None)."""
     x2, g2 = as_rows(x), as_rows(grad)
-    if backend.choose(x.device, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
+    if backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
         from . import triton as kernels
 
         grads = kernels.lors_linear_backward(g2, x2, weight, down, up, scaling, has_bias, needs_x)
@@ -169,10 +190,10 @@ def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optio
     R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
     Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
     """
-    for name, t in (("x", x), ("weight", weight), ("down", down), ("up", up), ("bias", bias)):
-        if not isinstance(t, Tensor) and not (name == "bias" and t is None):
-            raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
     if torch.compiler.is_compiling():
         return torch.ops.lors.lors_linear(x, weight, down, up, bias, float(scaling))
     check_inputs(x, weight, down, up, bias)
-    return _LorsLinearFunction.apply(x, weight, down, up, bias, float(scaling))
+    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or down.requires_grad
+                                    or up.requires_grad or (bias is not None and bias.requires_grad)):
+        return _LorsLinearFunction.apply(x, weight, down, up, bias, float(scaling))
+    return forward(x, weight, down, up, bias, float(scaling))
