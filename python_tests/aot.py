@@ -3,7 +3,7 @@
 A test module defines `aot_cases()`: calls of its family's launchers on meta tensors, over the
 shapes and dtypes whose configurations dispatch can pick. `compile_cases(test_module)` runs them in
 a fresh process (the interpreter, which the other tests use, replaces Triton's compiler front end),
-with the package's `_launch` replaced so that what gets compiled is exactly what dispatch would
+with the package's `launch` replaced so that what gets compiled is exactly what dispatch would
 start, and compiles each distinct launch for sm_80 and sm_90.
 """
 
@@ -65,19 +65,19 @@ class Launch:
 
 @contextlib.contextmanager
 def record_launches(module):
-    """Within the block, `module._launch` records Launch objects (deduplicated) instead of running."""
+    """Within the block, `module.launch` records Launch objects (deduplicated) instead of running."""
     seen: dict = {}
-    original = module._launch
+    original = module.launch
 
-    def fake_launch(kernel, grid, args, constexprs, num_warps, num_stages):
+    def fake_launch(kernel, grid, args, constexprs, num_warps, num_stages=1):
         launch = Launch(kernel, args, constexprs, num_warps, num_stages)
         seen.setdefault(launch.key(), launch)
 
-    module._launch = fake_launch
+    module.launch = fake_launch
     try:
         yield seen
     finally:
-        module._launch = original
+        module.launch = original
 
 
 def compile_launch(launch: Launch, capability: int):
@@ -89,7 +89,7 @@ def compile_launch(launch: Launch, capability: int):
 
 def _compile_share(test_module: str, worker: int, workers: int) -> list:
     cases = importlib.import_module(test_module)
-    with record_launches(importlib.import_module(cases.AOT_LAUNCHER_MODULE)) as seen:
+    with record_launches(importlib.import_module("lors_kernels.triton_utils")) as seen:
         cases.aot_cases()
     report = []
     for launch in list(seen.values())[worker::workers]:

@@ -343,8 +343,6 @@ def test_cli_env_reports_versions():
 
 # ------------------------------------------------------------------------------ ahead-of-time compiling
 
-AOT_LAUNCHER_MODULE = "lors_kernels.lors_linear.triton"
-
 
 def aot_cases():
     """Every launch dispatch can make: each dtype, M bucket, rank regime, bias, dx choice and fp32 mode."""

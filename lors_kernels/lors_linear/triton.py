@@ -22,6 +22,9 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import triton_utils
+from ..triton_utils import block, dot_dtype, precision
+
 # Largest rank whose T tile lives in registers next to the accumulator. Larger ranks take the
 # K-extended path in the forward/dx and a separate thin GEMM for dup in the backward.
 MAX_FUSED_RANK = 64
@@ -132,25 +135,7 @@ def pick_config(m: int, dtype: torch.dtype) -> Config:
 
 def rank_block(r: int) -> int:
     """tl.dot needs every dimension >= 16; ranks are padded (masked) up to a power of two."""
-    return max(16, triton.next_power_of_2(r))
-
-
-_TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
-
-
-def _dot_dtype(*tensors: torch.Tensor) -> tl.dtype:
-    """Dots run in the narrowest float type among the operands (fp32 side buffers meet 16-bit inputs)."""
-    narrow = [t.dtype for t in tensors if t.dtype.itemsize == 2]
-    return _TL_DTYPES[narrow[0] if narrow else torch.float32]
-
-
-def _precision() -> str:
-    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
-
-
-def _launch(kernel, grid, args, constexprs, num_warps, num_stages):
-    """The one place kernels are started (tests replace it to collect what dispatch launches)."""
-    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
+    return block(r)
 
 
 def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, scaling=1.0):
@@ -179,11 +164,11 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None, STORE_T=t_out is not None,
-        DOT_DTYPE=_dot_dtype(a, b), PRECISION=_precision(),
+        DOT_DTYPE=dot_dtype(a, b), PRECISION=precision(),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r, GROUP_M=8,
     )
     grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    _launch(lors_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+    triton_utils.launch(lors_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
     return out
 
 

@@ -1,0 +1,30 @@
+"""What every family's Triton launchers share: dtype mapping, the fp32 dot precision, and the one
+function that starts kernels (the AOT tests replace it to collect every launch dispatch makes)."""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+def dot_dtype(*tensors: torch.Tensor) -> tl.dtype:
+    """Dots run in the narrowest float type among the operands (fp32 side buffers meet 16-bit inputs)."""
+    narrow = [t.dtype for t in tensors if t.dtype.itemsize == 2]
+    return TL_DTYPES[narrow[0] if narrow else torch.float32]
+
+
+def precision() -> str:
+    """fp32 dots follow torch: IEEE under the default "highest" matmul precision, else tf32."""
+    return "ieee" if torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
+def block(n: int, least: int = 16) -> int:
+    """A power-of-two tile covering n (tl.dot wants every dimension >= 16); extra lanes are masked."""
+    return max(least, triton.next_power_of_2(n))
+
+
+def launch(kernel, grid, args, constexprs, num_warps, num_stages=1):
+    kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)
