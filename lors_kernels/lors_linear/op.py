@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend
+from .. import backend, custom_op
 from . import reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -155,31 +155,18 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = bias is not None
 
 
-def _op_backward(ctx, grad):
-    x, weight, down, up = ctx.saved_tensors
-    needs_x = ctx.needs_input_grad[0]
-    dx, dweight, ddown, dup, dbias = torch.ops.lors.lors_linear_backward(grad, x, weight, down, up, ctx.scaling,
-                                                                         ctx.has_bias, needs_x)
-    return (dx if needs_x else None), dweight, ddown, dup, (dbias if ctx.has_bias else None), None
-
-
-_lors_linear_op.register_autograd(_op_backward, setup_context=_setup_context)
-
-
-class _LorsLinearFunction(torch.autograd.Function):
-    """Eager twin of the registered op: the same forward/backward without torch.library's Python
-    dispatch, which costs ~30 us a call (more than a whole small-M matmul)."""
-
-    @staticmethod
-    def forward(ctx, x, weight, down, up, bias, scaling):  # ctx-style: apply() skips signature binding
-        _setup_context(ctx, (x, weight, down, up, bias, scaling), None)
-        return forward(x, weight, down, up, bias, scaling)
-
-    @staticmethod
-    def backward(ctx, grad):
+def _gradients(backward_fn):
+    def grads(ctx, grad):
         x, weight, down, up = ctx.saved_tensors
-        grads = backward(grad, x, weight, down, up, ctx.scaling, ctx.has_bias, ctx.needs_input_grad[0])
-        return (*grads, None)
+        needs_x = ctx.needs_input_grad[0]
+        dx, dweight, ddown, dup, dbias = backward_fn(grad, x, weight, down, up, ctx.scaling, ctx.has_bias, needs_x)
+        return (dx if needs_x else None), dweight, ddown, dup, (dbias if ctx.has_bias else None), None
+
+    return grads
+
+
+_lors_linear_op.register_autograd(_gradients(torch.ops.lors.lors_linear_backward), setup_context=_setup_context)
+_LorsLinearFunction = custom_op.eager_twin(forward, _setup_context, _gradients(backward))
 
 
 def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *,
@@ -193,7 +180,4 @@ def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optio
     if torch.compiler.is_compiling():
         return torch.ops.lors.lors_linear(x, weight, down, up, bias, float(scaling))
     check_inputs(x, weight, down, up, bias)
-    if torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad or down.requires_grad
-                                    or up.requires_grad or (bias is not None and bias.requires_grad)):
-        return _LorsLinearFunction.apply(x, weight, down, up, bias, float(scaling))
-    return forward(x, weight, down, up, bias, float(scaling))
+    return custom_op.eager(_LorsLinearFunction, forward, x, weight, down, up, bias, float(scaling))

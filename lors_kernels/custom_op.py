@@ -1,0 +1,34 @@
+"""How every op is exposed: a torch.library custom op for torch.compile (opaque, with a fake impl and
+registered autograd), and in eager mode a twin autograd.Function over the same forward and backward,
+because torch.library's Python dispatch costs ~30 us a call, more than a whole small kernel."""
+
+from __future__ import annotations
+
+import torch
+
+
+def eager_twin(forward, setup_context, backward):
+    """An autograd.Function with `forward(*args)`, `setup_context(ctx, args, output)` and
+    `backward(ctx, *grads) -> one gradient (or None) per arg`."""
+
+    class Twin(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, *args):  # ctx-style: apply() then skips binding the signature
+            setup_context(ctx, args, None)
+            return forward(*args)
+
+        @staticmethod
+        def backward(ctx, *grads):
+            return backward(ctx, *grads)
+
+    Twin.__name__ = Twin.__qualname__ = f"{forward.__name__}_function"
+    return Twin
+
+
+def eager(twin, forward, *args):
+    """Outside torch.compile: the `twin` Function when autograd must record, else plain `forward`."""
+    if torch.is_grad_enabled():
+        for a in args:
+            if isinstance(a, torch.Tensor) and a.requires_grad:
+                return twin.apply(*args)
+    return forward(*args)
