@@ -144,8 +144,8 @@ def _lors_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, down: Tens
 
 @_lors_linear_backward_op.register_fake
 def _(grad, x, weight, down, up, scaling, has_bias, needs_x):
-    return (x.new_empty(x.shape if needs_x else (0,)), torch.empty_like(weight), torch.empty_like(down),
-            torch.empty_like(up), weight.new_empty((weight.shape[0],) if has_bias else (0,)))
+    return (x.new_empty(x.shape if needs_x else (0,)), weight.new_empty(weight.shape), down.new_empty(down.shape),
+            up.new_empty(up.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,)))
 
 
 def _setup_context(ctx, inputs, output):

@@ -1,0 +1,116 @@
+"""AdaMixer's adaptive mixing as modules: plain (`AdaptiveMixing`) and LORS^A (`LorsAdaptiveMixing`)."""
+
+from __future__ import annotations
+
+import math
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from ..lors_linear import make_lors_stack
+from .op import adaptive_mixing
+from .reference import generate_mixing_weights
+
+
+def _uniform_fan_in(t: Tensor, fan_in: int) -> None:
+    """Kaiming-uniform as nn.Linear draws it (a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
+    bound = 1 / math.sqrt(max(fan_in, 1))
+    nn.init.uniform_(t, -bound, bound)
+
+
+class AdaptiveMixing(nn.Module):
+    """Plain AdaMixer: per-query generated M and S, fused mixing, output projection, residual, LayerNorm.
+
+    forward(x [B, N, G, P_in, C], query [B, N, query_dim]) -> [B, N, query_dim], C = in_dim // n_groups.
+    """
+
+    def __init__(self, in_dim: int = 256, in_points: int = 32, out_points: int = 128, n_groups: int = 4,
+                 query_dim: int = 256, device=None, dtype=None):
+        super().__init__()
+        if in_dim % n_groups:
+            raise ValueError(f"AdaptiveMixing: in_dim {in_dim} is not divisible by n_groups {n_groups}")
+        factory = {"device": device, "dtype": dtype}
+        self.in_dim, self.in_points, self.out_points, self.n_groups = in_dim, in_points, out_points, n_groups
+        self.channels = in_dim // n_groups
+        self.generator = nn.Linear(query_dim, n_groups * (self.channels ** 2 + in_points * out_points), **factory)
+        self.out_proj = nn.Linear(n_groups * out_points * self.channels, query_dim, **factory)
+        self.norm = nn.LayerNorm(query_dim, **factory)
+        nn.init.zeros_(self.generator.weight)  # AdaMixer's init: M and S start query-independent
+
+    def generate(self, query: Tensor):
+        return generate_mixing_weights(query, self.generator.weight, self.generator.bias, groups=self.n_groups,
+                                       in_channels=self.channels, out_channels=self.channels,
+                                       in_points=self.in_points, out_points=self.out_points)
+
+    def forward(self, x: Tensor, query: Tensor) -> Tensor:
+        m, s = self.generate(query)
+        out = adaptive_mixing(x, m, s).flatten(2)
+        return self.norm(query + self.out_proj(out))
+
+
+class LorsAdaptiveMixing(nn.Module):
+    """AdaMixer's mixing across `n_stages` decoder stages with LORS^A (DESIGN.md §1.2).
+
+    Shared by every stage: the generator of M and S. Private to stage l: K_l = kernel_groups[l]
+    rank-r cores per group generated from the query (zero-initialized), their E/F factors for the
+    channel and the spatial matrix, a LayerNorm, and a static-LORS output projection (rank out_rank,
+    one shared base weight). forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
+    """
+
+    def __init__(self, n_stages: int = 6, query_dim: int = 256, in_dim: int = 256, in_points: int = 64,
+                 out_points: int = 128, n_groups: int = 2, rank: int = 16,
+                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), out_rank: int = 8, device=None, dtype=None):
+        super().__init__()
+        kernel_groups = list(kernel_groups)
+        if len(kernel_groups) != n_stages:
+            raise ValueError(f"LorsAdaptiveMixing: {len(kernel_groups)} kernel_groups for {n_stages} stages")
+        if in_dim % n_groups:
+            raise ValueError(f"LorsAdaptiveMixing: in_dim {in_dim} is not divisible by n_groups {n_groups}")
+        factory = {"device": device, "dtype": dtype}
+        self.n_stages, self.query_dim, self.in_points, self.out_points = n_stages, query_dim, in_points, out_points
+        self.n_groups, self.rank, self.kernel_groups = n_groups, rank, kernel_groups
+        self.channels = c = in_dim // n_groups
+        self.generator = nn.Linear(query_dim, n_groups * (c * c + in_points * out_points), **factory)
+        nn.init.zeros_(self.generator.weight)
+        self.cores = nn.ModuleList(nn.Linear(query_dim, 2 * n_groups * k * rank * rank, **factory)
+                                   for k in kernel_groups)
+        gk = [n_groups * k for k in kernel_groups]
+        self.channel_left = nn.ParameterList(nn.Parameter(torch.empty(j, c, rank, **factory)) for j in gk)
+        self.channel_right = nn.ParameterList(nn.Parameter(torch.empty(j, rank, c, **factory)) for j in gk)
+        self.spatial_left = nn.ParameterList(nn.Parameter(torch.empty(j, out_points, rank, **factory)) for j in gk)
+        self.spatial_right = nn.ParameterList(nn.Parameter(torch.empty(j, rank, in_points, **factory)) for j in gk)
+        self.out_proj = make_lors_stack(n_stages, n_groups * out_points * c, query_dim, rank=out_rank, **factory)
+        self.norms = nn.ModuleList(nn.LayerNorm(query_dim, **factory) for _ in range(n_stages))
+        self.reset_private_parameters()
+
+    def reset_private_parameters(self) -> None:
+        """The paper's init: cores zero (so every stage starts as the shared mixing), E/F Kaiming-uniform."""
+        for core in self.cores:
+            nn.init.zeros_(core.weight)
+            nn.init.zeros_(core.bias)
+        for stage in range(self.n_stages):  # fan-in: the dimension each factor contracts
+            _uniform_fan_in(self.channel_left[stage], self.channels)
+            _uniform_fan_in(self.channel_right[stage], self.rank)
+            _uniform_fan_in(self.spatial_left[stage], self.rank)
+            _uniform_fan_in(self.spatial_right[stage], self.in_points)
+
+    def generate(self, stage: int, query: Tensor):
+        """M, S and this stage's private parts ((E^M, Q^M, F^M), (E^S, Q^S, F^S)), or Nones when K_l = 0."""
+        c = self.channels
+        k = self.kernel_groups[stage]
+        common = dict(groups=self.n_groups, in_channels=c, out_channels=c, in_points=self.in_points,
+                      out_points=self.out_points)
+        if k == 0:
+            m, s = generate_mixing_weights(query, self.generator.weight, self.generator.bias, **common)
+            return m, s, None, None
+        core = self.cores[stage]
+        m, s, qm, qs = generate_mixing_weights(query, self.generator.weight, self.generator.bias, core.weight,
+                                               core.bias, rank=self.rank, **common)
+        return (m, s, (self.channel_left[stage], qm, self.channel_right[stage]),
+                (self.spatial_left[stage], qs, self.spatial_right[stage]))
+
+    def forward(self, stage: int, x: Tensor, query: Tensor) -> Tensor:
+        m, s, channel_private, spatial_private = self.generate(stage, query)
+        out = adaptive_mixing(x, m, s, channel_private=channel_private, spatial_private=spatial_private)
+        return self.norms[stage](query + self.out_proj[stage](out.flatten(2)))

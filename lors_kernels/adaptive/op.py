@@ -1,0 +1,168 @@
+"""`lors::adaptive_mixing`: input checks, dispatch, autograd and torch.library registration."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import backend, custom_op
+from . import reference
+
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+EPS = 1e-5
+
+
+def _shape(t) -> str:
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def check_inputs(x, m, s, channel_private, spatial_private) -> None:
+    """x [BN, G, P_in, C_in], M [BN, G, C_in, C_out], S [BN, G, P_out, P_in], privates (E, Q, F)."""
+    for name, t in (("x", x), ("M", m), ("S", s)):
+        if not isinstance(t, Tensor):
+            raise TypeError(f"adaptive_mixing: {name} must be a Tensor, got {type(t).__name__}")
+        if t.dim() != 4:
+            raise ValueError(f"adaptive_mixing: {name} must be 4-D, got {_shape(t)}")
+    bn, groups, p_in, c_in = x.shape
+    if tuple(m.shape[:3]) != (bn, groups, c_in):
+        raise ValueError(f"adaptive_mixing: M {_shape(m)} must be [BN, G, C_in, C_out] = [{bn}, {groups}, {c_in}, *] "
+                         f"for x {_shape(x)}")
+    if tuple(s.shape[:2]) != (bn, groups) or s.shape[3] != p_in:
+        raise ValueError(f"adaptive_mixing: S {_shape(s)} must be [BN, G, P_out, P_in] = [{bn}, {groups}, *, {p_in}] "
+                         f"for x {_shape(x)}")
+    c_out, p_out = m.shape[3], s.shape[2]
+    ranks = []  # a list: symbolic sizes are not hashable
+    for label, private, rows, cols in (("channel_private", channel_private, c_in, c_out),
+                                       ("spatial_private", spatial_private, p_out, p_in)):
+        if private is None:
+            continue
+        if not (isinstance(private, (tuple, list)) and len(private) == 3
+                and all(isinstance(t, Tensor) for t in private)):
+            raise TypeError(f"adaptive_mixing: {label} must be a tuple of tensors (E, Q, F)")
+        e, q, f = private
+        if e.dim() != 3 or q.dim() != 4 or f.dim() != 3:
+            raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [BN, G*K, r, r], "
+                             f"F [G*K, r, {cols}]; got {_shape(e)}, {_shape(q)}, {_shape(f)}")
+        gk, r = e.shape[0], e.shape[2]
+        if (gk % max(groups, 1) or tuple(e.shape) != (gk, rows, r) or tuple(q.shape) != (bn, gk, r, r)
+                or tuple(f.shape) != (gk, r, cols)):
+            raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [{bn}, G*K, r, r], "
+                             f"F [G*K, r, {cols}] with G = {groups}; got {_shape(e)}, {_shape(q)}, {_shape(f)}")
+        ranks.append(r)
+    if len(ranks) == 2 and ranks[0] != ranks[1]:
+        raise ValueError(f"adaptive_mixing: channel and spatial private parts must share one rank, got {sorted(ranks)}")
+    tensors = {"x": x, "M": m, "S": s}
+    for label, private in (("channel_private", channel_private), ("spatial_private", spatial_private)):
+        if private is not None:
+            tensors.update({f"{label}.{n}": t for n, t in zip("EQF", private)})
+    if any(t.dtype != x.dtype for t in tensors.values()) or x.dtype not in (*KERNEL_DTYPES, torch.float64):
+        raise TypeError("adaptive_mixing: all tensors must share one floating dtype, got "
+                        + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items()))
+    if any(t.device != x.device for t in tensors.values()):
+        raise ValueError("adaptive_mixing: all tensors must be on one device, got "
+                         + ", ".join(f"{n}={t.device}" for n, t in tensors.items()))
+
+
+def _private(e, q, f):
+    return None if e is None else (e, q, f)
+
+
+def _use_triton(x: Tensor) -> bool:
+    return backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton"
+
+
+def forward(x, m, s, em, qm, fm, es, qs, fs, eps):
+    if _use_triton(x):
+        from . import triton as kernels
+
+        parts = [t if t is None else t.contiguous() for t in (x, m, s, em, qm, fm, es, qs, fs)]
+        return kernels.mixing_forward(*parts[:3], _private(*parts[3:6]), _private(*parts[6:9]), eps)
+    return reference.adaptive_mixing(x, m, s, _private(em, qm, fm), _private(es, qs, fs), eps)
+
+
+def backward(dout, x, m, s, em, qm, fm, es, qs, fs, eps):
+    """(dx, dM, dS, dE^M, dQ^M, dF^M, dE^S, dQ^S, dF^S); private gradients are None when absent."""
+    if _use_triton(x):
+        from . import triton as kernels
+
+        parts = [t if t is None else t.contiguous() for t in (x, m, s, em, qm, fm, es, qs, fs)]
+        grads = kernels.mixing_backward(dout, *parts[:3], _private(*parts[3:6]), _private(*parts[6:9]), eps)
+    else:
+        grads = reference.adaptive_mixing_backward(dout, x, m, s, _private(em, qm, fm), _private(es, qs, fs), eps)
+    dx, dm, ds, dcm, dsp = grads
+    return (dx, dm, ds, *(dcm or (None,) * 3), *(dsp or (None,) * 3))
+
+
+
+@torch.library.custom_op("lors::adaptive_mixing", mutates_args=())
+def _adaptive_mixing_op(x: Tensor, m: Tensor, s: Tensor, em: Optional[Tensor], qm: Optional[Tensor],
+                        fm: Optional[Tensor], es: Optional[Tensor], qs: Optional[Tensor], fs: Optional[Tensor],
+                        eps: float) -> Tensor:
+    check_inputs(x, m, s, _private(em, qm, fm), _private(es, qs, fs))
+    return forward(x, m, s, em, qm, fm, es, qs, fs, eps)
+
+
+@_adaptive_mixing_op.register_fake
+def _(x, m, s, em, qm, fm, es, qs, fs, eps):
+    check_inputs(x, m, s, _private(em, qm, fm), _private(es, qs, fs))
+    return x.new_empty((*x.shape[:2], s.shape[2], m.shape[3]))
+
+
+@torch.library.custom_op("lors::adaptive_mixing_backward", mutates_args=())
+def _adaptive_mixing_backward_op(dout: Tensor, x: Tensor, m: Tensor, s: Tensor, em: Optional[Tensor],
+                                 qm: Optional[Tensor], fm: Optional[Tensor], es: Optional[Tensor],
+                                 qs: Optional[Tensor], fs: Optional[Tensor], eps: float) -> list[Tensor]:
+    """Every gradient, an empty tensor for each absent private input (ops return tensors)."""
+    grads = backward(dout, x, m, s, em, qm, fm, es, qs, fs, eps)
+    return [x.new_empty(0) if g is None else g.contiguous() for g in grads]
+
+
+@_adaptive_mixing_backward_op.register_fake
+def _(dout, x, m, s, em, qm, fm, es, qs, fs, eps):
+    return [x.new_empty(0) if t is None else t.new_empty(t.shape) for t in (x, m, s, em, qm, fm, es, qs, fs)]
+
+
+def _setup_context(ctx, inputs, output):
+    ctx.save_for_backward(*inputs[:9])
+    ctx.eps = inputs[9]
+
+
+def _gradients(backward_fn):
+    def grads(ctx, dout):
+        saved = ctx.saved_tensors
+        result = backward_fn(dout, *saved, ctx.eps)
+        return (*[None if t is None else g for g, t in zip(result, saved)], None)
+
+    return grads
+
+
+_adaptive_mixing_op.register_autograd(_gradients(torch.ops.lors.adaptive_mixing_backward),
+                                      setup_context=_setup_context)
+_AdaptiveMixingFunction = custom_op.eager_twin(forward, _setup_context, _gradients(backward))
+
+
+def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, spatial_private=None,
+                    eps: float = EPS) -> Tensor:
+    """AdaMixer's adaptive mixing with LORS^A private parts, fused.
+
+    x [BN, G, P_in, C_in] or [B, N, G, P_in, C_in]; M [BN, G, C_in, C_out]; S [BN, G, P_out, P_in];
+    channel_private = (E [G*K, C_in, r], Q [BN, G*K, r, r], F [G*K, r, C_out]) and spatial_private =
+    (E [G*K, P_out, r], Q [BN, G*K, r, r], F [G*K, r, P_in]) add sum_k E_k Q_k F_k to M and S.
+    Returns relu(LN(S_eff @ relu(LN(x @ M_eff)))) with x's leading dims: [..., G, P_out, C_out].
+    """
+    lead = x.shape[:-3]
+    if x.dim() == 5:
+        x = x.reshape(-1, *x.shape[2:])
+    compiling = torch.compiler.is_compiling()
+    if not compiling:
+        check_inputs(x, M, S, channel_private, spatial_private)
+    em, qm, fm = channel_private if channel_private is not None else (None,) * 3
+    es, qs, fs = spatial_private if spatial_private is not None else (None,) * 3
+    args = (x, M, S, em, qm, fm, es, qs, fs, float(eps))
+    if compiling:
+        out = torch.ops.lors.adaptive_mixing(*args)
+    else:
+        out = custom_op.eager(_AdaptiveMixingFunction, forward, *args)
+    return out.reshape(*lead, *out.shape[1:])

@@ -1,0 +1,96 @@
+"""Pure-PyTorch adaptive mixing (AdaMixer, and LORS^A's private low-rank parts): the test oracle and
+the CPU fallback, written as the official code does it: materialized M and S, 4-D matmuls, separate
+LayerNorm and ReLU.
+
+    M_eff = M + sum_k E^M_k @ Q^M_k @ F^M_k        E^M [C_in, r], Q [r, r], F^M [r, C_out]
+    S_eff = S + sum_k E^S_k @ Q^S_k @ F^S_k        E^S [P_out, r],        F^S [r, P_in]
+    h     = relu(layer_norm(x @ M_eff, [P_in, C_out]))
+    out   = relu(layer_norm(S_eff @ h, [P_out, C_out]))
+
+A private part is (E [G*K, *, r], Q [BN, G*K, r, r], F [G*K, r, *]), index g*K + k.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def private_delta(private, bn: int, groups: int) -> torch.Tensor:
+    """sum_k E_k @ Q_k @ F_k for every query and group: [BN, G, rows, cols]."""
+    e, q, f = private
+    k = e.shape[0] // groups
+    delta = torch.einsum("jar,njrs,jsb->njab", e, q, f)  # j = g*K + k
+    return delta.reshape(bn, groups, k, *delta.shape[-2:]).sum(2)
+
+
+def adaptive_mixing(x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
+    """x [BN, G, P_in, C_in], m [BN, G, C_in, C_out], s [BN, G, P_out, P_in] -> [BN, G, P_out, C_out]."""
+    bn, groups = x.shape[:2]
+    if channel_private is not None:
+        m = m + private_delta(channel_private, bn, groups)
+    if spatial_private is not None:
+        s = s + private_delta(spatial_private, bn, groups)
+    h = torch.matmul(x, m)
+    h = F.relu(F.layer_norm(h, h.shape[-2:], eps=eps))
+    out = torch.matmul(s, h)
+    return F.relu(F.layer_norm(out, out.shape[-2:], eps=eps))
+
+
+def _layer_norm_relu(pre, eps):
+    """(xhat, rstd, relu(xhat)) of a joint LayerNorm over the last two dims."""
+    mean = pre.mean((-2, -1), keepdim=True)
+    rstd = torch.rsqrt(pre.var((-2, -1), unbiased=False, keepdim=True) + eps)
+    xhat = (pre - mean) * rstd
+    return xhat, rstd, xhat.clamp_min(0)
+
+
+def _layer_norm_relu_backward(dout, xhat, rstd):
+    dy = dout * (xhat > 0)
+    return rstd * (dy - dy.mean((-2, -1), keepdim=True) - xhat * (dy * xhat).mean((-2, -1), keepdim=True))
+
+
+def _private_backward(private, d_eff, groups):
+    """Gradients of (E, Q, F) from the gradient of sum_k E_k Q_k F_k, d_eff [BN, G, rows, cols]."""
+    if private is None:
+        return None
+    e, q, f = private
+    d = d_eff.repeat_interleave(e.shape[0] // groups, dim=1)  # [BN, G*K, rows, cols], j = g*K + k
+    return (torch.einsum("njab,njrs,jsb->jar", d, q, f), torch.einsum("jar,njab,jsb->njrs", e, d, f),
+            torch.einsum("jar,njrs,njab->jsb", e, q, d))
+
+
+def adaptive_mixing_backward(dout, x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
+    """Every gradient of :func:`adaptive_mixing` from the formulas (recomputing the forward):
+    (dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None)."""
+    bn, groups = x.shape[:2]
+    m_eff = m + private_delta(channel_private, bn, groups) if channel_private is not None else m
+    s_eff = s + private_delta(spatial_private, bn, groups) if spatial_private is not None else s
+    xhat1, rstd1, h = _layer_norm_relu(torch.matmul(x, m_eff), eps)
+    xhat2, rstd2, _ = _layer_norm_relu(torch.matmul(s_eff, h), eps)
+    dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2)
+    ds = torch.matmul(dpre2, h.transpose(-1, -2))
+    dpre1 = _layer_norm_relu_backward(torch.matmul(s_eff.transpose(-1, -2), dpre2), xhat1, rstd1)
+    dm = torch.matmul(x.transpose(-1, -2), dpre1)
+    dx = torch.matmul(dpre1, m_eff.transpose(-1, -2))
+    return (dx, dm, ds, _private_backward(channel_private, dm, groups),
+            _private_backward(spatial_private, ds, groups))
+
+
+def generate_mixing_weights(query, gen_weight, gen_bias, core_weight=None, core_bias=None, *, groups: int,
+                            in_channels: int, out_channels: int, in_points: int, out_points: int, rank: int = 0):
+    """AdaMixer's parameter generator, in the official layout (group outer, then M before S).
+
+    query [..., d_q] -> M [BN, G, C_in, C_out], S [BN, G, P_out, P_in] and, with core_weight
+    [2*G*K*r*r, d_q], the private cores Q^M, Q^S [BN, G*K, r, r].
+    """
+    q = query.reshape(-1, query.shape[-1])
+    bn = q.shape[0]
+    params = F.linear(q, gen_weight, gen_bias).reshape(bn, groups, -1)
+    m, s = params.split([in_channels * out_channels, in_points * out_points], dim=-1)
+    m = m.reshape(bn, groups, in_channels, out_channels)
+    s = s.reshape(bn, groups, out_points, in_points)
+    if core_weight is None:
+        return m, s
+    cores = F.linear(q, core_weight, core_bias).reshape(bn, 2, -1, rank, rank)
+    return m, s, cores[:, 0], cores[:, 1]

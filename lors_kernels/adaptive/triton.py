@@ -1,0 +1,322 @@
+"""Triton kernels for adaptive mixing: one program per (query, group) keeps every P x C tile on chip.
+
+Forward:  pre1 = x @ M + sum_k ((x @ E^M_k) @ Q^M_k) @ F^M_k       (never a C_in x C_out private matrix)
+          h    = relu(LN(pre1))                                      (h stays in registers)
+          pre2 = S @ h + sum_k E^S_k @ (Q^S_k @ (F^S_k @ h))
+          out  = relu(LN(pre2))
+Backward recomputes pre1, h and pre2 from the inputs instead of saving them: saving h and pre2 would
+cost BN*G*(P_in + P_out)*C_out*4 bytes (315 MB for B=16, N=100 at the LORS paper's shapes), while the
+recompute is one more forward's worth of on-chip FLOPs. E and F are shared by every query, so their
+gradients are accumulated across programs with fp32 atomics.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_utils
+from ..triton_utils import block, dot_dtype, precision
+
+
+@triton.jit
+def _tile(ptr, rows, cols, stride_r, stride_c, n_rows, n_cols, DT: tl.constexpr):
+    """Load a [rows, cols] block (masked to n_rows x n_cols, zero outside) in the dot dtype."""
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    return tl.load(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, mask=mask, other=0.0).to(DT)
+
+
+@triton.jit
+def _layer_norm_relu(pre, mask, n, eps):
+    """Joint LayerNorm over the valid elements of the tile (no affine), then ReLU: (xhat, rstd, out)."""
+    mean = tl.sum(tl.sum(tl.where(mask, pre, 0.0), axis=1), axis=0) / n
+    diff = tl.where(mask, pre - mean, 0.0)
+    rstd = 1.0 / tl.sqrt(tl.sum(tl.sum(diff * diff, axis=1), axis=0) / n + eps)
+    xhat = diff * rstd
+    return xhat, rstd, tl.maximum(xhat, 0.0)
+
+
+@triton.jit
+def _layer_norm_relu_backward(dout, xhat, rstd, mask, n):
+    """d pre for out = relu(LN(pre)): rstd * (dy - mean(dy) - xhat * mean(dy * xhat)), dy = dout * [xhat > 0]."""
+    dy = tl.where(mask & (xhat > 0), dout, 0.0)
+    mean_dy = tl.sum(tl.sum(dy, axis=1), axis=0) / n
+    mean_dyx = tl.sum(tl.sum(dy * xhat, axis=1), axis=0) / n
+    return tl.where(mask, rstd * (dy - mean_dy - xhat * mean_dyx), 0.0)
+
+
+@triton.jit
+def _forward_tiles(
+    x, m_ptr, s_ptr, em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
+    g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+    sm_i, sm_o, ss_o, ss_i,
+    sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+    ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+    offs_pi, offs_ci, offs_co, offs_po, offs_r,
+    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """The forward of one (query, group) tile (qm_ptr, qs_ptr already at this query's cores).
+    Returns M, S, pre1's LN (xhat1, rstd1), h, pre2's LN (xhat2, rstd2) and out."""
+    mat = _tile(m_ptr, offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT, DT)
+    pre1 = tl.dot(x, mat, input_precision=PRECISION)
+    if CHANNEL_PRIVATE:
+        for kk in range(KM):
+            j = g * KM + kk
+            e = _tile(em_ptr + j * sem_j, offs_ci, offs_r, sem_a, sem_r, C_IN, R, DT)
+            q = _tile(qm_ptr + j * sqm_j, offs_r, offs_r, sqm_r, sqm_s, R, R, DT)
+            f = _tile(fm_ptr + j * sfm_j, offs_r, offs_co, sfm_r, sfm_b, R, C_OUT, DT)
+            xe = tl.dot(x, e, input_precision=PRECISION)
+            xeq = tl.dot(xe.to(DT), q, input_precision=PRECISION)
+            pre1 += tl.dot(xeq.to(DT), f, input_precision=PRECISION)
+    mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
+    xhat1, rstd1, h = _layer_norm_relu(pre1, mask1, P_IN * C_OUT, eps)
+
+    s = _tile(s_ptr, offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN, DT)
+    pre2 = tl.dot(s, h.to(DT), input_precision=PRECISION)
+    if SPATIAL_PRIVATE:
+        for kk in range(KS):
+            j = g * KS + kk
+            e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
+            q = _tile(qs_ptr + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
+            f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
+            fh = tl.dot(f, h.to(DT), input_precision=PRECISION)
+            qfh = tl.dot(q, fh.to(DT), input_precision=PRECISION)
+            pre2 += tl.dot(e, qfh.to(DT), input_precision=PRECISION)
+    mask2 = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
+    xhat2, rstd2, out = _layer_norm_relu(pre2, mask2, P_OUT * C_OUT, eps)
+    return mat, s, xhat1, rstd1, h, xhat2, rstd2, out
+
+
+@triton.jit
+def mixing_forward_kernel(
+    x_ptr, m_ptr, s_ptr, out_ptr,
+    em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
+    G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+    sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
+    sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+    ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_PI: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PO: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    n = (pid // G).to(tl.int64)
+    g = pid % G
+    offs_pi = tl.arange(0, BLOCK_PI)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_co = tl.arange(0, BLOCK_CO)
+    offs_po = tl.arange(0, BLOCK_PO)
+    offs_r = tl.arange(0, BLOCK_R)
+    x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
+    _, _, _, _, _, _, _, out = _forward_tiles(
+        x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
+        em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
+        g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+        sm_i, sm_o, ss_o, ss_i,
+        sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+        ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+        offs_pi, offs_ci, offs_co, offs_po, offs_r,
+        CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
+    )
+    mask = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
+    tl.store(out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c,
+             out.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _store(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _atomic_add(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
+    tl.atomic_add(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val, mask=mask)
+
+
+@triton.jit
+def mixing_backward_kernel(
+    x_ptr, m_ptr, s_ptr, dout_ptr, dx_ptr, dm_ptr, ds_ptr,
+    em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
+    dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr,
+    G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+    sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
+    sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+    ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_PI: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PO: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
+    """Gradients of one (query, group) tile. dx, dM, dS, dQ are this program's alone and share their
+    inputs' strides (the launcher passes contiguous inputs); dE, dF are sums over queries, accumulated
+    into contiguous fp32 buffers [G*K, *, r] and [G*K, r, *]."""
+    pid = tl.program_id(0)
+    n = (pid // G).to(tl.int64)
+    g = pid % G
+    offs_pi = tl.arange(0, BLOCK_PI)
+    offs_ci = tl.arange(0, BLOCK_CI)
+    offs_co = tl.arange(0, BLOCK_CO)
+    offs_po = tl.arange(0, BLOCK_PO)
+    offs_r = tl.arange(0, BLOCK_R)
+    x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
+    mat, s, xhat1, rstd1, h, xhat2, rstd2, _ = _forward_tiles(
+        x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
+        em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
+        g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+        sm_i, sm_o, ss_o, ss_i,
+        sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+        ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+        offs_pi, offs_ci, offs_co, offs_po, offs_r,
+        CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
+    )
+    mask2 = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
+    dout = tl.load(dout_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c,
+                   mask=mask2, other=0.0).to(tl.float32)
+    dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
+    dpre2_dt = dpre2.to(DT)
+    h_dt = h.to(DT)
+
+    # Spatial mixing: pre2 = S h + sum_k E_k Q_k F_k h.
+    _store(ds_ptr + n * ss_n + g * ss_g, tl.dot(dpre2_dt, tl.trans(h_dt), input_precision=PRECISION),
+           offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN)
+    dh = tl.dot(tl.trans(s), dpre2_dt, input_precision=PRECISION)
+    if SPATIAL_PRIVATE:
+        for kk in range(KS):
+            j = g * KS + kk
+            e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
+            q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
+            f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
+            fh = tl.dot(f, h_dt, input_precision=PRECISION).to(DT)          # [R, C]
+            qfh = tl.dot(q, fh, input_precision=PRECISION).to(DT)           # [R, C]
+            _atomic_add(des_ptr + j * P_OUT * R, tl.dot(dpre2_dt, tl.trans(qfh), input_precision=PRECISION),
+                        offs_po, offs_r, R, 1, P_OUT, R)
+            dqfh = tl.dot(tl.trans(e), dpre2_dt, input_precision=PRECISION).to(DT)   # [R, C]
+            _store(dqs_ptr + n * sqs_n + j * sqs_j, tl.dot(dqfh, tl.trans(fh), input_precision=PRECISION),
+                   offs_r, offs_r, sqs_r, sqs_s, R, R)
+            dfh = tl.dot(tl.trans(q), dqfh, input_precision=PRECISION).to(DT)        # [R, C]
+            _atomic_add(dfs_ptr + j * R * P_IN, tl.dot(dfh, tl.trans(h_dt), input_precision=PRECISION),
+                        offs_r, offs_pi, P_IN, 1, R, P_IN)
+            dh += tl.dot(tl.trans(f), dfh, input_precision=PRECISION)
+
+    # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
+    mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
+    dpre1 = _layer_norm_relu_backward(dh, xhat1, rstd1, mask1, P_IN * C_OUT)
+    dpre1_dt = dpre1.to(DT)
+    _store(dm_ptr + n * sm_n + g * sm_g, tl.dot(tl.trans(x), dpre1_dt, input_precision=PRECISION),
+           offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
+    dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
+    if CHANNEL_PRIVATE:
+        for kk in range(KM):
+            j = g * KM + kk
+            e = _tile(em_ptr + j * sem_j, offs_ci, offs_r, sem_a, sem_r, C_IN, R, DT)
+            q = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_r, sqm_s, R, R, DT)
+            f = _tile(fm_ptr + j * sfm_j, offs_r, offs_co, sfm_r, sfm_b, R, C_OUT, DT)
+            xe = tl.dot(x, e, input_precision=PRECISION).to(DT)             # [P, R]
+            xeq = tl.dot(xe, q, input_precision=PRECISION).to(DT)           # [P, R]
+            _atomic_add(dfm_ptr + j * R * C_OUT, tl.dot(tl.trans(xeq), dpre1_dt, input_precision=PRECISION),
+                        offs_r, offs_co, C_OUT, 1, R, C_OUT)
+            dxeq = tl.dot(dpre1_dt, tl.trans(f), input_precision=PRECISION).to(DT)   # [P, R]
+            _store(dqm_ptr + n * sqm_n + j * sqm_j, tl.dot(tl.trans(xe), dxeq, input_precision=PRECISION),
+                   offs_r, offs_r, sqm_r, sqm_s, R, R)
+            dxe = tl.dot(dxeq, tl.trans(q), input_precision=PRECISION).to(DT)        # [P, R]
+            _atomic_add(dem_ptr + j * C_IN * R, tl.dot(tl.trans(x), dxe, input_precision=PRECISION),
+                        offs_ci, offs_r, R, 1, C_IN, R)
+            dx += tl.dot(dxe, tl.trans(e), input_precision=PRECISION)
+    _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
+
+
+def _config(p_in, c_in, c_out, p_out, r):
+    blocks = dict(BLOCK_PI=block(p_in), BLOCK_CI=block(c_in), BLOCK_CO=block(c_out), BLOCK_PO=block(p_out),
+                  BLOCK_R=block(r))
+    # The largest tile holds P x C fp32 values; 8 warps once it passes 64 x 64.
+    largest = max(blocks["BLOCK_PI"], blocks["BLOCK_PO"]) * blocks["BLOCK_CO"]
+    return blocks, (8 if largest > 4096 else 4)
+
+
+def _private_args(private, like):
+    """(E, Q, F) -> pointers and the strides the kernels take (zeros when absent)."""
+    if private is None:
+        return (like, like, like), (0,) * 10, 0
+    e, q, f = private
+    return (e, q, f), (*e.stride(), *q.stride(), *f.stride()), e.shape[0]
+
+
+def _shapes(x, m, s, channel_private, spatial_private):
+    bn, groups, p_in, c_in = x.shape
+    c_out, p_out = m.shape[-1], s.shape[-2]
+    r = next((p[0].shape[-1] for p in (channel_private, spatial_private) if p is not None), 0)
+    km = channel_private[0].shape[0] // groups if channel_private is not None else 0
+    ks = spatial_private[0].shape[0] // groups if spatial_private is not None else 0
+    return bn, groups, p_in, c_in, c_out, p_out, r, km, ks
+
+
+def mixing_forward(x, m, s, channel_private, spatial_private, eps):
+    """x [BN, G, P_in, C_in] -> out [BN, G, P_out, C_out]."""
+    bn, groups, p_in, c_in, c_out, p_out, r, km, ks = _shapes(x, m, s, channel_private, spatial_private)
+    out = torch.empty((bn, groups, p_out, c_out), device=x.device, dtype=x.dtype)
+    if out.numel() == 0:
+        return out
+    (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
+    (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
+    blocks, warps = _config(p_in, c_in, c_out, p_out, r)
+    args = (x, m, s, out, em, qm, fm, es, qs, fs, groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
+            *x.stride(), *m.stride(), *s.stride(), *out.stride(), *cm_strides, *sp_strides)
+    constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
+                      **blocks)
+    triton_utils.launch(mixing_forward_kernel, (bn * groups,), args, constexprs, warps)
+    return out
+
+
+def backward_fits(dtype: torch.dtype, p_out: int, c_out: int) -> bool:
+    """The backward holds ~10 P x C tiles at once. In fp32 at the LORS paper's shapes (P_out = C = 128)
+    that is 240 KB of shared memory (sm_90 AOT compile), more than any GPU gives a block; up to
+    128 x 64 tiles (AdaMixer's shapes) it is 88 KB. 16-bit tiles fit at both (160 KB at most)."""
+    return dtype != torch.float32 or block(p_out) * block(c_out) <= 128 * 64
+
+
+def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
+    """Returns dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None."""
+    bn, groups, p_in, c_in, c_out, p_out, r, km, ks = _shapes(x, m, s, channel_private, spatial_private)
+    if not backward_fits(x.dtype, p_out, c_out):
+        from .reference import adaptive_mixing_backward
+
+        return adaptive_mixing_backward(dout, x, m, s, channel_private, spatial_private, eps)
+    # Inputs are contiguous (op.py): gradients allocated like them share their strides.
+    dx, dm, ds = torch.empty_like(x), torch.empty_like(m), torch.empty_like(s)
+
+    def private_grads(private):
+        if private is None:
+            return None
+        e, q, f = private
+        # E and F gradients sum over queries: fp32 accumulators, zeroed.
+        return (torch.zeros(e.shape, device=e.device, dtype=torch.float32), torch.empty_like(q),
+                torch.zeros(f.shape, device=f.device, dtype=torch.float32))
+
+    dcm, dsp = private_grads(channel_private), private_grads(spatial_private)
+    if bn * groups > 0:
+        (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
+        (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
+        dem, dqm, dfm = dcm if dcm is not None else (x, x, x)
+        des, dqs, dfs = dsp if dsp is not None else (x, x, x)
+        blocks, warps = _config(p_in, c_in, c_out, p_out, r)
+        args = (x, m, s, dout, dx, dm, ds, em, qm, fm, es, qs, fs, dem, dqm, dfm, des, dqs, dfs,
+                groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
+                *x.stride(), *m.stride(), *s.stride(), *dout.stride(), *cm_strides, *sp_strides)
+        constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
+                          **blocks)
+        triton_utils.launch(mixing_backward_kernel, (bn * groups,), args, constexprs, warps)
+    else:
+        dx.zero_(), dm.zero_(), ds.zero_()
+        for grads in (dcm, dsp):
+            if grads is not None:
+                grads[1].zero_()
+
+    def finish(grads, private):
+        if grads is None:
+            return None
+        de, dq, df = grads
+        return de.to(private[0].dtype), dq, df.to(private[2].dtype)
+
+    return dx, dm, ds, finish(dcm, channel_private), finish(dsp, spatial_private)
