@@ -114,7 +114,68 @@ def lors_linear_targets(device: str, m: int, d: int, mode: str) -> dict:
     return {}
 
 
-FAMILIES = {"lors_linear": lors_linear_cases}
+# ---------------------------------------------------------------------------------------- adaptive_mixing
+
+# (name, G, P_in, C, P_out, r, K): the LORS paper's last stage (K = 3) and plain AdaMixer.
+ADAPTIVE_SHAPES = {"lors": (2, 64, 128, 128, 16, 3), "adamixer": (4, 32, 64, 128, 0, 0)}
+
+
+def adaptive_mixing_grid(device: str, quick: bool):
+    """(shape name, B, N): the issue's B=16 with N in {100, 300} on GPUs; CPUs take B=2, N=100."""
+    if device == "cuda":
+        return [(name, 16, n) for name in ADAPTIVE_SHAPES for n in ((100,) if quick else (100, 300))]
+    return [(name, 2, 100) for name in ADAPTIVE_SHAPES] if not quick else [("adamixer", 1, 100), ("lors", 1, 50)]
+
+
+def adaptive_mixing_providers(x, m, s, channel_private, spatial_private, device):
+    import lors_kernels as lk
+    from lors_kernels.adaptive import reference
+
+    def eager():
+        return reference.adaptive_mixing(x, m, s, channel_private, spatial_private)
+
+    providers = {OURS: lambda: lk.adaptive_mixing(x, m, s, channel_private=channel_private,
+                                                  spatial_private=spatial_private),
+                 "eager": eager}
+    if device == "cuda":  # on CPU compiling each shape takes longer than the whole quick run
+        providers["torch.compile(eager)"] = torch.compile(eager)
+    return providers
+
+
+def adaptive_mixing_case(device: str, dtype: torch.dtype, name: str, b: int, n: int, mode: str) -> Case:
+    groups, p_in, c, p_out, r, k = ADAPTIVE_SHAPES[name]
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, fan=1):
+        return (torch.randn(*shape, generator=g) / fan ** 0.5).to(device=device, dtype=dtype)
+
+    bn = b * n
+    inputs = [rand(bn, groups, p_in, c), rand(bn, groups, c, c, fan=c), rand(bn, groups, p_out, p_in, fan=p_in)]
+    if k:
+        inputs += [rand(groups * k, c, r, fan=c), rand(bn, groups * k, r, r, fan=r), rand(groups * k, r, c, fan=r),
+                   rand(groups * k, p_out, r, fan=r), rand(bn, groups * k, r, r, fan=r),
+                   rand(groups * k, r, p_in, fan=p_in)]
+    shape = {"shape": name, "B": b, "N": n, "G": groups, "P_in": p_in, "C": c, "P_out": p_out, "K": k}
+    targets = {"eager": 0.5} if device == "cuda" and mode == "fwd+bwd" else {}
+    if mode == "fwd+bwd":
+        inputs = [t.requires_grad_() for t in inputs]
+
+    def split(ts):
+        return ts[0], ts[1], ts[2], (tuple(ts[3:6]) if k else None), (tuple(ts[6:9]) if k else None)
+
+    providers = adaptive_mixing_providers(*split(inputs), device)
+    if mode == "fwd+bwd":
+        grad_out = rand(bn, groups, p_out, c)
+        providers = {name: _forward_backward(fn, inputs, grad_out) for name, fn in providers.items()}
+    return Case("adaptive_mixing", mode, shape, providers, targets)
+
+
+def adaptive_mixing_cases(device: str, dtype: torch.dtype, quick: bool = False):
+    return [adaptive_mixing_case(device, dtype, name, b, n, mode)
+            for name, b, n in adaptive_mixing_grid(device, quick) for mode in MODES]
+
+
+FAMILIES = {"lors_linear": lors_linear_cases, "adaptive_mixing": adaptive_mixing_cases}
 
 
 # ------------------------------------------------------------------------------------------------ timing

@@ -163,6 +163,8 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
     args = (x, M, S, em, qm, fm, es, qs, fs, float(eps))
     if compiling:
         out = torch.ops.lors.adaptive_mixing(*args)
-    else:
+    elif _use_triton(x):
         out = custom_op.eager(_AdaptiveMixingFunction, forward, *args)
+    else:  # eager reference: plain autograd keeps what it needs, as the eager code it replaces does
+        out = reference.adaptive_mixing(x, M, S, channel_private, spatial_private, float(eps))
     return out.reshape(*lead, *out.shape[1:])

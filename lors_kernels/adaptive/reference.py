@@ -16,12 +16,18 @@ import torch
 import torch.nn.functional as F
 
 
-def private_delta(private, bn: int, groups: int) -> torch.Tensor:
-    """sum_k E_k @ Q_k @ F_k for every query and group: [BN, G, rows, cols]."""
+def _split_groups(private, bn: int, groups: int):
+    """(E, Q, F) with the index j = g*K + k split: E [G, K, rows, r], Q [BN, G, K, r, r], F [G, K, r, cols]."""
     e, q, f = private
     k = e.shape[0] // groups
-    delta = torch.einsum("jar,njrs,jsb->njab", e, q, f)  # j = g*K + k
-    return delta.reshape(bn, groups, k, *delta.shape[-2:]).sum(2)
+    return (e.reshape(groups, k, *e.shape[1:]), q.reshape(bn, groups, k, *q.shape[2:]),
+            f.reshape(groups, k, *f.shape[1:]))
+
+
+def private_delta(private, bn: int, groups: int) -> torch.Tensor:
+    """sum_k E_k @ Q_k @ F_k for every query and group: [BN, G, rows, cols]."""
+    e, q, f = _split_groups(private, bn, groups)
+    return torch.einsum("ngkas,gksb->ngab", torch.einsum("gkar,ngkrs->ngkas", e, q), f)
 
 
 def adaptive_mixing(x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
@@ -50,14 +56,16 @@ def _layer_norm_relu_backward(dout, xhat, rstd):
     return rstd * (dy - dy.mean((-2, -1), keepdim=True) - xhat * (dy * xhat).mean((-2, -1), keepdim=True))
 
 
-def _private_backward(private, d_eff, groups):
-    """Gradients of (E, Q, F) from the gradient of sum_k E_k Q_k F_k, d_eff [BN, G, rows, cols]."""
+def _private_backward(private, d, groups):
+    """Gradients of (E, Q, F) from d [BN, G, rows, cols], the gradient of sum_k E_k Q_k F_k.
+    Pairwise contractions, so that nothing of size BN*G*K*rows*cols is ever built."""
     if private is None:
         return None
-    e, q, f = private
-    d = d_eff.repeat_interleave(e.shape[0] // groups, dim=1)  # [BN, G*K, rows, cols], j = g*K + k
-    return (torch.einsum("njab,njrs,jsb->jar", d, q, f), torch.einsum("jar,njab,jsb->njrs", e, d, f),
-            torch.einsum("jar,njrs,njab->jsb", e, q, d))
+    e, q, f = _split_groups(private, d.shape[0], groups)
+    de = torch.einsum("ngab,ngkrb->gkar", d, torch.einsum("ngkrs,gksb->ngkrb", q, f))
+    dq = torch.einsum("ngkrb,gksb->ngkrs", torch.einsum("gkar,ngab->ngkrb", e, d), f)
+    df = torch.einsum("ngkas,ngab->gksb", torch.einsum("gkar,ngkrs->ngkas", e, q), d)
+    return de.flatten(0, 1), dq.flatten(1, 2), df.flatten(0, 1)
 
 
 def adaptive_mixing_backward(dout, x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
