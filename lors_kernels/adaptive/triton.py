@@ -89,42 +89,6 @@ def _forward_tiles(
 
 
 @triton.jit
-def mixing_forward_kernel(
-    x_ptr, m_ptr, s_ptr, out_ptr,
-    em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
-    G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
-    sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
-    sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
-    ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
-    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_PI: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PO: tl.constexpr,
-    BLOCK_R: tl.constexpr,
-):
-    pid = tl.program_id(0)
-    n = (pid // G).to(tl.int64)
-    g = pid % G
-    offs_pi = tl.arange(0, BLOCK_PI)
-    offs_ci = tl.arange(0, BLOCK_CI)
-    offs_co = tl.arange(0, BLOCK_CO)
-    offs_po = tl.arange(0, BLOCK_PO)
-    offs_r = tl.arange(0, BLOCK_R)
-    x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
-    _, _, _, _, _, _, _, out = _forward_tiles(
-        x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
-        em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
-        g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
-        sm_i, sm_o, ss_o, ss_i,
-        sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
-        ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
-        offs_pi, offs_ci, offs_co, offs_po, offs_r,
-        CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
-    )
-    mask = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
-    tl.store(out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c,
-             out.to(out_ptr.dtype.element_ty), mask=mask)
-
-
-@triton.jit
 def _store(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
     tl.store(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val.to(ptr.dtype.element_ty), mask=mask)
@@ -137,8 +101,8 @@ def _atomic_add(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
-def mixing_backward_kernel(
-    x_ptr, m_ptr, s_ptr, dout_ptr, dx_ptr, dm_ptr, ds_ptr,
+def mixing_kernel(
+    x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr,
     em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
     dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr,
     G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
@@ -147,11 +111,12 @@ def mixing_backward_kernel(
     ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
     CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_PI: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PO: tl.constexpr,
-    BLOCK_R: tl.constexpr,
+    BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    """Gradients of one (query, group) tile. dx, dM, dS, dQ are this program's alone and share their
-    inputs' strides (the launcher passes contiguous inputs); dE, dF are sums over queries, accumulated
-    into contiguous fp32 buffers [G*K, *, r] and [G*K, r, *]."""
+    """One (query, group) tile. Forward: writes out to out_ptr. BACKWARD: reads d out from out_ptr and
+    writes the gradients; dx, dM, dS, dQ are this program's alone and share their inputs' strides
+    (the launcher passes contiguous inputs); dE, dF are sums over queries, accumulated into
+    contiguous fp32 buffers [G*K, *, r] and [G*K, r, *]."""
     pid = tl.program_id(0)
     n = (pid // G).to(tl.int64)
     g = pid % G
@@ -161,7 +126,7 @@ def mixing_backward_kernel(
     offs_po = tl.arange(0, BLOCK_PO)
     offs_r = tl.arange(0, BLOCK_R)
     x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
-    mat, s, xhat1, rstd1, h, xhat2, rstd2, _ = _forward_tiles(
+    mat, s, xhat1, rstd1, h, xhat2, rstd2, out = _forward_tiles(
         x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
         em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
         g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
@@ -172,8 +137,11 @@ def mixing_backward_kernel(
         CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
     )
     mask2 = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
-    dout = tl.load(dout_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c,
-                   mask=mask2, other=0.0).to(tl.float32)
+    out_ptrs = out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c
+    if not BACKWARD:
+        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask2)
+        return
+    dout = tl.load(out_ptrs, mask=mask2, other=0.0).to(tl.float32)
     dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
     dpre2_dt = dpre2.to(DT)
     h_dt = h.to(DT)
@@ -261,11 +229,13 @@ def mixing_forward(x, m, s, channel_private, spatial_private, eps):
     (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
     (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
     blocks, warps = _config(p_in, c_in, c_out, p_out, r)
-    args = (x, m, s, out, em, qm, fm, es, qs, fs, groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
+    # The gradient pointers (dx, dM, dS and the private ones) are never touched by the forward: x fills them.
+    args = (x, m, s, out, x, x, x, em, qm, fm, es, qs, fs, x, x, x, x, x, x,
+            groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
             *x.stride(), *m.stride(), *s.stride(), *out.stride(), *cm_strides, *sp_strides)
     constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
-                      **blocks)
-    triton_utils.launch(mixing_forward_kernel, (bn * groups,), args, constexprs, warps)
+                      BACKWARD=False, **blocks)
+    triton_utils.launch(mixing_kernel, (bn * groups,), args, constexprs, warps)
     return out
 
 
@@ -305,8 +275,8 @@ def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
                 groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
                 *x.stride(), *m.stride(), *s.stride(), *dout.stride(), *cm_strides, *sp_strides)
         constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
-                          **blocks)
-        triton_utils.launch(mixing_backward_kernel, (bn * groups,), args, constexprs, warps)
+                          BACKWARD=True, **blocks)
+        triton_utils.launch(mixing_kernel, (bn * groups,), args, constexprs, warps)
     else:
         dx.zero_(), dm.zero_(), ds.zero_()
         for grads in (dcm, dsp):
