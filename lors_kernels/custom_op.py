@@ -25,10 +25,11 @@ def eager_twin(forward, setup_context, backward):
     return Twin
 
 
-def eager(twin, forward, *args):
-    """Outside torch.compile: the `twin` Function when autograd must record, else plain `forward`."""
+def eager(forward, recorded, *args):
+    """Outside torch.compile: `recorded(*args)` when autograd must record (the twin Function, or a
+    pure-PyTorch path whose own autograd does as well), else plain `forward(*args)`."""
     if torch.is_grad_enabled():
         for a in args:
             if isinstance(a, torch.Tensor) and a.requires_grad:
-                return twin.apply(*args)
+                return recorded(*args)
     return forward(*args)

@@ -143,6 +143,14 @@ _adaptive_mixing_op.register_autograd(_gradients(torch.ops.lors.adaptive_mixing_
 _AdaptiveMixingFunction = custom_op.eager_twin(forward, _setup_context, _gradients(backward))
 
 
+def _recorded(x, m, s, em, qm, fm, es, qs, fs, eps):
+    """With autograd recording: the kernels' Function, or on the reference its own autograd, which
+    keeps what it needs as the eager code it replaces does."""
+    if _use_triton(x):
+        return _AdaptiveMixingFunction.apply(x, m, s, em, qm, fm, es, qs, fs, eps)
+    return reference.adaptive_mixing(x, m, s, _private(em, qm, fm), _private(es, qs, fs), eps)
+
+
 def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, spatial_private=None,
                     eps: float = EPS) -> Tensor:
     """AdaMixer's adaptive mixing with LORS^A private parts, fused.
@@ -163,8 +171,6 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
     args = (x, M, S, em, qm, fm, es, qs, fs, float(eps))
     if compiling:
         out = torch.ops.lors.adaptive_mixing(*args)
-    elif _use_triton(x):
-        out = custom_op.eager(_AdaptiveMixingFunction, forward, *args)
-    else:  # eager reference: plain autograd keeps what it needs, as the eager code it replaces does
-        out = reference.adaptive_mixing(x, M, S, channel_private, spatial_private, float(eps))
+    else:
+        out = custom_op.eager(forward, _recorded, *args)
     return out.reshape(*lead, *out.shape[1:])

@@ -180,4 +180,13 @@ def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optio
     if torch.compiler.is_compiling():
         return torch.ops.lors.lors_linear(x, weight, down, up, bias, float(scaling))
     check_inputs(x, weight, down, up, bias)
-    return custom_op.eager(_LorsLinearFunction, forward, x, weight, down, up, bias, float(scaling))
+    return custom_op.eager(forward, _recorded, x, weight, down, up, bias, float(scaling))
+
+
+def _recorded(x, weight, down, up, bias, scaling):
+    """With autograd recording: the kernels' Function, or on the reference its own autograd, which
+    saves x @ down^T instead of recomputing it, as the eager code it replaces does. (Rank 0 takes the
+    Function, which gives the empty down/up their empty gradients as every backend does.)"""
+    if down.shape[0] and backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "reference":
+        return reference.lors_linear(x, weight, down, up, bias, scaling)
+    return _LorsLinearFunction.apply(x, weight, down, up, bias, scaling)
