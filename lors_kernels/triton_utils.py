@@ -26,5 +26,16 @@ def block(n: int, least: int = 16) -> int:
     return max(least, triton.next_power_of_2(n))
 
 
+@triton.jit
+def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_M: tl.constexpr):
+    """(row tile, column tile) of program `pid` in grouped order: programs that run together share
+    columns of B in L2 (GROUP_M row tiles per group)."""
+    num_pid_n = tl.cdiv(N, BLOCK_N)
+    pids_in_group = GROUP_M * num_pid_n
+    first_pid_m = (pid // pids_in_group) * GROUP_M
+    group_rows = min(tl.cdiv(M, BLOCK_M) - first_pid_m, GROUP_M)
+    return first_pid_m + (pid % pids_in_group) % group_rows, (pid % pids_in_group) // group_rows
+
+
 def launch(kernel, grid, args, constexprs, num_warps, num_stages=1):
     kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)

@@ -189,6 +189,55 @@ def test_generation_layout_is_the_official_one():
     torch.testing.assert_close(qs, cores[:, 1])
 
 
+@pytest.mark.parametrize("with_cores", [True, False], ids=["cores", "no_cores"])
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+def test_triton_generation_one_launch(dtype, with_cores, use_backend):
+    use_backend("triton")
+    groups, c, p_in, p_out, r, k, d_q = 2, 5, 3, 7, 2, 3, 24
+    gen = torch.Generator().manual_seed(0)
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) / d_q ** 0.5).to(device=KERNEL_DEVICE, dtype=dtype)
+
+    query = rand(3, 70, d_q) * d_q ** 0.5
+    weights = [rand(groups * (c * c + p_in * p_out), d_q), rand(groups * (c * c + p_in * p_out))]
+    weights += [rand(2 * groups * k * r * r, d_q), rand(2 * groups * k * r * r)] if with_cores else [None, None]
+    leaves = [t.requires_grad_() for t in [query] + weights if t is not None]
+    shape = dict(groups=groups, in_channels=c, out_channels=c, in_points=p_in, out_points=p_out, rank=r)
+    from lors_kernels.adaptive import triton as kernels
+
+    launched = []
+    original = kernels.triton_utils.launch
+    kernels.triton_utils.launch = lambda kernel, *a, **kw: (launched.append(kernel), original(kernel, *a, **kw))
+    try:
+        outs = lk.generate_mixing_weights(query, *weights, **shape)
+    finally:
+        kernels.triton_utils.launch = original
+    assert len(launched) == 1  # M, S and the cores from one launch
+    douts = [torch.randn(o.shape, generator=gen).to(o) for o in outs]
+    grads = torch.autograd.grad(outs, leaves, douts)
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    full64 = leaves64 if with_cores else leaves64 + [None, None]
+    expected = reference.generate_mixing_weights(*full64, **shape)
+    for name, out, e in zip(["M", "S", "Q_M", "Q_S"], outs, expected):
+        assert_close(out, e, dtype, name)
+    for i, (g, e) in enumerate(zip(grads, torch.autograd.grad(expected, leaves64, [d.double() for d in douts]))):
+        assert_close(g, e, dtype, f"grad {i}")
+
+
+def test_generation_opcheck_and_errors():
+    q = torch.randn(5, 8, requires_grad=True)
+    gw, gb = torch.randn(2 * (4 + 6), 8, requires_grad=True), torch.randn(20, requires_grad=True)
+    cw, cb = torch.randn(2 * 2 * 1 * 4, 8, requires_grad=True), torch.randn(16, requires_grad=True)
+    torch.library.opcheck(torch.ops.lors.generate_mixing_weights.default, (q, gw, gb, cw, cb))
+    torch.library.opcheck(torch.ops.lors.generate_mixing_weights.default, (q, gw, None, None, None))
+    shape = dict(groups=2, in_channels=2, out_channels=2, in_points=2, out_points=3, rank=2)
+    with pytest.raises(ValueError, match="gen_weight"):
+        lk.generate_mixing_weights(q, gw[:-1], gb, **shape)
+    with pytest.raises(ValueError, match="core_weight"):
+        lk.generate_mixing_weights(q, gw, gb, cw[:-1], cb, **shape)
+
+
 # ----------------------------------------------------------------------------------------------- modules
 
 
@@ -275,6 +324,11 @@ def aot_cases():
             kernels.mixing_forward(x, m, s, cp, sp, 1e-5)
             kernels.mixing_backward(torch.empty(2, shape[1], shape[5], shape[4], device="meta", dtype=dtype),
                                     x, m, s, cp, sp, 1e-5)
+        # The generator at the paper's shapes: 256 -> 2*(128*128 + 64*128), cores 2*2*3*16*16; and B*N = 1600.
+        q = torch.empty(1600, 256, device="meta", dtype=dtype)
+        gen = [torch.empty(*size, device="meta", dtype=dtype) for size in ((49152, 256), (49152,), (3072, 256), (3072,))]
+        kernels.generate(q, *gen)
+        kernels.generate(q[:40], gen[0], gen[1], None, None)
 
 
 def test_aot_compiles_for_sm80_and_sm90():
@@ -283,6 +337,8 @@ def test_aot_compiles_for_sm80_and_sm90():
     report = compile_cases(__name__.rsplit(".", 1)[-1])
     errors = [f"{e['launch']} sm_{e['capability']}: {e['error']}" for e in report if "error" in e]
     assert not errors, "\n".join(errors)
-    assert len(report) == 2 * 11  # 6 forwards + 6 backwards, but fp32 backward at the LORS paper's shape takes the reference (backward_fits)
+    # 6 forwards + 6 backwards (but the fp32 backward at the LORS paper's shape takes the reference,
+    # see backward_fits) + 2 generator launches per dtype
+    assert len(report) == 2 * (11 + 6)
     for entry in report:
         assert entry["shared"] <= SHARED_LIMIT[entry["capability"]], entry

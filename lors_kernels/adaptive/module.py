@@ -9,8 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from ..lors_linear import make_lors_stack
-from .op import adaptive_mixing
-from .reference import generate_mixing_weights
+from .op import adaptive_mixing, generate_mixing_weights
 
 
 def _uniform_fan_in(t: Tensor, fan_in: int) -> None:

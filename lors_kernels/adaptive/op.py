@@ -174,3 +174,83 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
     else:
         out = custom_op.eager(forward, _recorded, *args)
     return out.reshape(*lead, *out.shape[1:])
+
+
+# ------------------------------------------------------------------------------------------- generation
+
+
+def generate(q, gen_weight, gen_bias, core_weight, core_bias):
+    """(q @ W_gen^T + b_gen, q @ W_core^T + b_core): one Triton launch on CUDA; cores empty when absent."""
+    if _use_triton(q):
+        from . import triton as kernels
+
+        mixing, cores = kernels.generate(q, gen_weight, gen_bias, core_weight, core_bias)
+    else:
+        mixing = torch.nn.functional.linear(q, gen_weight, gen_bias)
+        cores = None if core_weight is None else torch.nn.functional.linear(q, core_weight, core_bias)
+    return mixing, (q.new_empty(0) if cores is None else cores)
+
+
+@torch.library.custom_op("lors::generate_mixing_weights", mutates_args=())
+def _generate_op(q: Tensor, gen_weight: Tensor, gen_bias: Optional[Tensor], core_weight: Optional[Tensor],
+                 core_bias: Optional[Tensor]) -> tuple[Tensor, Tensor]:
+    return generate(q, gen_weight, gen_bias, core_weight, core_bias)
+
+
+@_generate_op.register_fake
+def _(q, gen_weight, gen_bias, core_weight, core_bias):
+    cores = q.new_empty(0) if core_weight is None else q.new_empty((q.shape[0], core_weight.shape[0]))
+    return q.new_empty((q.shape[0], gen_weight.shape[0])), cores
+
+
+def _generate_setup(ctx, inputs, output):
+    q, gen_weight, gen_bias, core_weight, core_bias = inputs
+    ctx.save_for_backward(q, gen_weight, core_weight)
+    ctx.biases = (gen_bias is not None, core_bias is not None)
+
+
+def _generate_backward(ctx, dmixing, dcores):
+    """Two linear layers sharing their input: plain GEMMs, which torch.compile traces as they are."""
+    q, gen_weight, core_weight = ctx.saved_tensors
+    dq = dmixing @ gen_weight
+    grads = [dmixing.t() @ q, dmixing.sum(0) if ctx.biases[0] else None, None, None]
+    if core_weight is not None:
+        dq = dq + dcores @ core_weight
+        grads[2:] = [dcores.t() @ q, dcores.sum(0) if ctx.biases[1] else None]
+    return (dq, *grads)
+
+
+_generate_op.register_autograd(_generate_backward, setup_context=_generate_setup)
+_GenerateFunction = custom_op.eager_twin(generate, _generate_setup, _generate_backward)
+
+
+def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optional[Tensor] = None,
+                            core_weight: Optional[Tensor] = None, core_bias: Optional[Tensor] = None, *,
+                            groups: int, in_channels: int, out_channels: int, in_points: int, out_points: int,
+                            rank: int = 0):
+    """AdaMixer's per-query weight generation, batched over every query and group.
+
+    query [..., d_q]; gen_weight [G*(C_in*C_out + P_in*P_out), d_q] -> M [BN, G, C_in, C_out] and
+    S [BN, G, P_out, P_in] in the official layout (group outer; M row-major C_in x C_out, then S row-major
+    P_out x P_in). With core_weight [2*G*K*r*r, d_q] also the private cores Q^M, Q^S [BN, G*K, r, r].
+    On CUDA both GEMMs run in one Triton launch.
+    """
+    q = query.reshape(-1, query.shape[-1])
+    for name, t in (("gen_weight", gen_weight), ("core_weight", core_weight)):
+        if t is not None and (t.dim() != 2 or t.shape[1] != q.shape[1]):
+            raise ValueError(f"generate_mixing_weights: {name} {_shape(t)} must be [*, {q.shape[1]}] for query "
+                             f"{_shape(query)}")
+    if gen_weight.shape[0] != groups * (in_channels * out_channels + in_points * out_points):
+        raise ValueError(f"generate_mixing_weights: gen_weight {_shape(gen_weight)} must have G*(C_in*C_out + "
+                         f"P_in*P_out) = {groups * (in_channels * out_channels + in_points * out_points)} rows")
+    if core_weight is not None and (rank <= 0 or core_weight.shape[0] % (2 * groups * rank * rank)):
+        raise ValueError(f"generate_mixing_weights: core_weight {_shape(core_weight)} must have 2*G*K*r*r rows "
+                         f"(G = {groups}, r = {rank})")
+    args = (q, gen_weight, gen_bias, core_weight, core_bias)
+    if torch.compiler.is_compiling():
+        mixing, cores = torch.ops.lors.generate_mixing_weights(*args)
+    else:
+        mixing, cores = custom_op.eager(generate, _GenerateFunction.apply, *args)
+    return reference.split_generated(mixing, None if core_weight is None else cores, groups=groups,
+                                     in_channels=in_channels, out_channels=out_channels, in_points=in_points,
+                                     out_points=out_points, rank=rank)

@@ -85,20 +85,24 @@ def adaptive_mixing_backward(dout, x, m, s, channel_private=None, spatial_privat
             _private_backward(spatial_private, ds, groups))
 
 
-def generate_mixing_weights(query, gen_weight, gen_bias, core_weight=None, core_bias=None, *, groups: int,
-                            in_channels: int, out_channels: int, in_points: int, out_points: int, rank: int = 0):
-    """AdaMixer's parameter generator, in the official layout (group outer, then M before S).
-
-    query [..., d_q] -> M [BN, G, C_in, C_out], S [BN, G, P_out, P_in] and, with core_weight
-    [2*G*K*r*r, d_q], the private cores Q^M, Q^S [BN, G*K, r, r].
-    """
-    q = query.reshape(-1, query.shape[-1])
-    bn = q.shape[0]
-    params = F.linear(q, gen_weight, gen_bias).reshape(bn, groups, -1)
-    m, s = params.split([in_channels * out_channels, in_points * out_points], dim=-1)
+def split_generated(mixing, cores, *, groups: int, in_channels: int, out_channels: int, in_points: int,
+                    out_points: int, rank: int = 0):
+    """The generator's outputs in the official layout (group outer, then M before S):
+    mixing [BN, G*(C_in*C_out + P_in*P_out)] -> M [BN, G, C_in, C_out], S [BN, G, P_out, P_in]; cores
+    [BN, 2*G*K*r*r] (or None) -> Q^M, Q^S [BN, G*K, r, r]."""
+    bn = mixing.shape[0]
+    m, s = mixing.reshape(bn, groups, -1).split([in_channels * out_channels, in_points * out_points], dim=-1)
     m = m.reshape(bn, groups, in_channels, out_channels)
     s = s.reshape(bn, groups, out_points, in_points)
-    if core_weight is None:
+    if cores is None:
         return m, s
-    cores = F.linear(q, core_weight, core_bias).reshape(bn, 2, -1, rank, rank)
+    cores = cores.reshape(bn, 2, -1, rank, rank)
     return m, s, cores[:, 0], cores[:, 1]
+
+
+def generate_mixing_weights(query, gen_weight, gen_bias, core_weight=None, core_bias=None, **shape):
+    """AdaMixer's parameter generator: query [..., d_q] -> M, S (and, with core_weight [2*G*K*r*r, d_q],
+    the private cores Q^M, Q^S); `shape` as :func:`split_generated` takes it."""
+    q = query.reshape(-1, query.shape[-1])
+    cores = None if core_weight is None else F.linear(q, core_weight, core_bias)
+    return split_generated(F.linear(q, gen_weight, gen_bias), cores, **shape)

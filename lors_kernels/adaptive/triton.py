@@ -195,6 +195,69 @@ def mixing_kernel(
     _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
 
 
+@triton.jit
+def _linear_tile(a_ptr, w_ptr, bias_ptr, out_ptr, tile, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
+                 stride_om, stride_on, HAS_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+    """One [BLOCK_M, BLOCK_N] tile of out = a @ w^T + bias."""
+    pid_m, pid_n = triton_utils.grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        a = _tile(a_ptr, offs_m, k0 + offs_k, stride_am, stride_ak, M, K, DT)
+        w = _tile(w_ptr, k0 + offs_k, offs_n, stride_wk, stride_wn, K, N, DT)
+        acc = tl.dot(a, w, acc, input_precision=PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+    _store(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
+
+
+@triton.jit
+def generate_kernel(
+    q_ptr, gen_w_ptr, gen_b_ptr, mixing_ptr, core_w_ptr, core_b_ptr, cores_ptr,
+    M, N_GEN, N_CORE, K,
+    stride_qm, stride_qk, stride_gn, stride_gk, stride_mm, stride_mn, stride_cn, stride_ck, stride_om, stride_on,
+    GEN_BIAS: tl.constexpr, CORE_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
+):
+    """Both generator GEMMs of a stage in one launch: the first programs produce M and S
+    (q @ W_gen^T + b_gen), the rest the stage's private cores (q @ W_core^T + b_core)."""
+    pid = tl.program_id(0)
+    gen_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N_GEN, BLOCK_N)
+    if pid < gen_tiles:
+        _linear_tile(q_ptr, gen_w_ptr, gen_b_ptr, mixing_ptr, pid, M, N_GEN, K, stride_qm, stride_qk,
+                     stride_gn, stride_gk, stride_mm, stride_mn, GEN_BIAS, DT, PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    else:
+        _linear_tile(q_ptr, core_w_ptr, core_b_ptr, cores_ptr, pid - gen_tiles, M, N_CORE, K, stride_qm, stride_qk,
+                     stride_cn, stride_ck, stride_om, stride_on, CORE_BIAS, DT, PRECISION,
+                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+
+
+def generate(q, gen_weight, gen_bias, core_weight, core_bias):
+    """q [BN, d_q] -> (q @ gen_weight^T + gen_bias, q @ core_weight^T + core_bias or None), one launch."""
+    m, k = q.shape
+    mixing = torch.empty((m, gen_weight.shape[0]), device=q.device, dtype=q.dtype)
+    cores = None if core_weight is None else torch.empty((m, core_weight.shape[0]), device=q.device, dtype=q.dtype)
+    if m == 0:
+        return mixing, cores
+    core_weight_ = gen_weight if core_weight is None else core_weight  # unused pointer when absent
+    cores_ = mixing if cores is None else cores
+    block_m = 128 if m > 64 else 64
+    block_n, block_k = 128, (64 if q.dtype.itemsize == 2 else 32)
+    tiles = triton.cdiv(m, block_m) * (triton.cdiv(mixing.shape[1], block_n)
+                                       + (0 if cores is None else triton.cdiv(cores.shape[1], block_n)))
+    args = (q, gen_weight, q if gen_bias is None else gen_bias, mixing, core_weight_,
+            q if core_bias is None else core_bias, cores_, m, mixing.shape[1], 0 if cores is None else cores.shape[1],
+            k, *q.stride(), *gen_weight.stride(), *mixing.stride(), *core_weight_.stride(), *cores_.stride())
+    constexprs = dict(GEN_BIAS=gen_bias is not None, CORE_BIAS=core_bias is not None, DT=dot_dtype(q),
+                      PRECISION=precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
+    triton_utils.launch(generate_kernel, (tiles,), args, constexprs, num_warps=8, num_stages=3)
+    return mixing, cores
+
+
 def _config(p_in, c_in, c_out, p_out, r):
     blocks = dict(BLOCK_PI=block(p_in), BLOCK_CI=block(c_in), BLOCK_CO=block(c_out), BLOCK_PO=block(p_out),
                   BLOCK_R=block(r))
