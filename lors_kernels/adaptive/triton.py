@@ -7,7 +7,8 @@ Forward:  pre1 = x @ M + sum_k ((x @ E^M_k) @ Q^M_k) @ F^M_k       (never a C_in
 Backward recomputes pre1, h and pre2 from the inputs instead of saving them: saving h and pre2 would
 cost BN*G*(P_in + P_out)*C_out*4 bytes (315 MB for B=16, N=100 at the LORS paper's shapes), while the
 recompute is one more forward's worth of on-chip FLOPs. E and F are shared by every query, so their
-gradients are accumulated across programs with fp32 atomics.
+gradients are accumulated across programs with fp32 atomics: their rounding depends on the order the
+programs run in (not bitwise deterministic; every other output is).
 """
 
 from __future__ import annotations
@@ -97,7 +98,9 @@ def _store(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
 @triton.jit
 def _atomic_add(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    tl.atomic_add(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val, mask=mask)
+    # relaxed: nothing reads these sums before the kernel ends; the default acq_rel adds a GPU-wide
+    # fence and an L1 invalidate to every call (sm_90 SASS)
+    tl.atomic_add(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val, mask=mask, sem="relaxed")
 
 
 @triton.jit
@@ -196,10 +199,10 @@ def mixing_kernel(
 
 
 @triton.jit
-def _linear_tile(a_ptr, w_ptr, bias_ptr, out_ptr, tile, M, N, K, stride_am, stride_ak, stride_wn, stride_wk,
-                 stride_om, stride_on, HAS_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+def _linear_tile(a_ptr, w_ptr, bias_ptr, bias_on, out_ptr, tile, M, N, K, stride_am, stride_ak, stride_wn,
+                 stride_wk, stride_om, stride_on, HAS_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
-    """One [BLOCK_M, BLOCK_N] tile of out = a @ w^T + bias."""
+    """One [BLOCK_M, BLOCK_N] tile of out = a @ w^T (+ bias where bias_on)."""
     pid_m, pid_n = triton_utils.grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -210,7 +213,7 @@ def _linear_tile(a_ptr, w_ptr, bias_ptr, out_ptr, tile, M, N, K, stride_am, stri
         w = _tile(w_ptr, k0 + offs_k, offs_n, stride_wk, stride_wn, K, N, DT)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=offs_n < N, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n, mask=(offs_n < N) & bias_on, other=0.0).to(tl.float32)[None, :]
     _store(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
 
 
@@ -225,15 +228,16 @@ def generate_kernel(
     """Both generator GEMMs of a stage in one launch: the first programs produce M and S
     (q @ W_gen^T + b_gen), the rest the stage's private cores (q @ W_core^T + b_core)."""
     pid = tl.program_id(0)
-    gen_tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N_GEN, BLOCK_N)
-    if pid < gen_tiles:
-        _linear_tile(q_ptr, gen_w_ptr, gen_b_ptr, mixing_ptr, pid, M, N_GEN, K, stride_qm, stride_qk,
-                     stride_gn, stride_gk, stride_mm, stride_mn, GEN_BIAS, DT, PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
-    else:
-        _linear_tile(q_ptr, core_w_ptr, core_b_ptr, cores_ptr, pid - gen_tiles, M, N_CORE, K, stride_qm, stride_qk,
-                     stride_cn, stride_ck, stride_om, stride_on, CORE_BIAS, DT, PRECISION,
-                     BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
+    # One call site with the operands picked per program: two call sites would each get their own
+    # pipeline buffers (192 KB of shared memory on sm_90 instead of 96 KB).
+    gen = pid < tl.cdiv(M, BLOCK_M) * tl.cdiv(N_GEN, BLOCK_N)
+    tile = tl.where(gen, pid, pid - tl.cdiv(M, BLOCK_M) * tl.cdiv(N_GEN, BLOCK_N))
+    _linear_tile(q_ptr, tl.where(gen, gen_w_ptr, core_w_ptr), tl.where(gen, gen_b_ptr, core_b_ptr),
+                 tl.where(gen, GEN_BIAS, CORE_BIAS), tl.where(gen, mixing_ptr, cores_ptr), tile, M,
+                 tl.where(gen, N_GEN, N_CORE), K, stride_qm, stride_qk, tl.where(gen, stride_gn, stride_cn),
+                 tl.where(gen, stride_gk, stride_ck), tl.where(gen, stride_mm, stride_om),
+                 tl.where(gen, stride_mn, stride_on), GEN_BIAS or CORE_BIAS, DT, PRECISION,
+                 BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
 def generate(q, gen_weight, gen_bias, core_weight, core_bias):
