@@ -85,8 +85,6 @@ def as_rows(t: Tensor) -> Tensor:
     return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
 
 
-
-
 def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], scaling: float) -> Tensor:
     """The forward on the backend that dispatch picks; inputs already checked."""
     x2 = as_rows(x)
