@@ -1,0 +1,110 @@
+"""Pure-PyTorch high-resolution cross-attention (FASeg's HRCA): selection of the high-resolution
+positions worth attending to, and attention restricted to them. The test oracle and the CPU path.
+
+Selection (DESIGN.md §1.3):
+- window: sum the low-resolution scores [B, N, n_low] over queries, keep the k best cells, and expand
+  each to its ws x ws window of the high-resolution map (ws = high / low per side).
+- bilinear: upsample the scores to the high-resolution grid (F.interpolate, align_corners=False) and
+  keep the k best pixels, shared per image (summed over queries) or per query. The upsampled map is
+  never materialized: rows of it are built and merged a chunk at a time.
+Ties go to the lower index; the returned indices are sorted ascending (row-major).
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def window_size(low_hw, high_hw) -> int:
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    if hh % lh or hw % lw or hh // lh != hw // lw:
+        raise ValueError(f"high-resolution map {tuple(high_hw)} is not an integer multiple of the low-resolution "
+                         f"map {tuple(low_hw)} with one ratio for both sides")
+    return hh // lh
+
+
+def _topk_lowest_index(values: torch.Tensor, k: int):
+    """Top-k along the last dim, ties broken by the lower index (a stable descending sort)."""
+    order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
+    return values.gather(-1, order), order
+
+
+def select_windows(scores: torch.Tensor, low_hw, high_hw, k: int) -> torch.Tensor:
+    """scores [B, N, n_low] -> int64 pixel indices [B, k * ws * ws] into the flattened high-res map."""
+    ws = window_size(low_hw, high_hw)
+    lh, lw = low_hw
+    cells = _topk_lowest_index(scores.sum(1), k)[1].sort(dim=-1).values  # [B, k], row-major
+    cy, cx = cells // lw, cells % lw
+    d = torch.arange(ws, device=scores.device)
+    rows = (cy[:, :, None] * ws + d)[:, :, :, None]  # [B, k, ws, 1]
+    cols = (cx[:, :, None] * ws + d)[:, :, None, :]  # [B, k, 1, ws]
+    return (rows * (lw * ws) + cols).reshape(scores.shape[0], -1)
+
+
+def _source_taps(out_size: int, in_size: int, device):
+    """F.interpolate(mode="bilinear", align_corners=False) along one axis: (i0, i1, w1) per output."""
+    pos = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5)
+    pos = pos.clamp_min(0)
+    i0 = pos.floor().long().clamp_max(in_size - 1)
+    i1 = (i0 + 1).clamp_max(in_size - 1)
+    return i0, i1, (pos - i0)
+
+
+def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_query: bool = False,
+                       rows_per_chunk: int = 64) -> torch.Tensor:
+    """scores [B, N, n_low] -> int64 indices [B, k] (shared: summed over queries) or [B, N, k] (per query)
+    of the k largest pixels of the bilinearly upsampled map. Peak memory O(rows_per_chunk * W + k)."""
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    if k > hh * hw:
+        raise ValueError(f"k = {k} is larger than the high-resolution map ({hh}x{hw} = {hh * hw} pixels)")
+    s = scores.sum(1, keepdim=True) if not per_query else scores
+    s = s.double().reshape(*s.shape[:2], lh, lw)
+    y0, y1, wy = _source_taps(hh, lh, s.device)
+    x0, x1, wx = _source_taps(hw, lw, s.device)
+    # Upsample along x once: [B, N', lh, W_high] (1/ws of the full map), then rows chunk by chunk.
+    sx = s[..., x0] * (1 - wx) + s[..., x1] * wx
+    best_val = best_idx = None
+    for start in range(0, hh, rows_per_chunk):
+        ys = slice(start, min(start + rows_per_chunk, hh))
+        rows = sx[..., y0[ys], :] * (1 - wy[ys, None]) + sx[..., y1[ys], :] * wy[ys, None]
+        rows = rows.flatten(-2)
+        idx = torch.arange(ys.start * hw, ys.stop * hw, device=s.device).expand_as(rows)
+        if best_val is not None:  # earlier chunks hold lower indices: they go first, so they win ties
+            rows, idx = torch.cat([best_val, rows], -1), torch.cat([best_idx, idx], -1)
+        best_val, order = _topk_lowest_index(rows, k)
+        best_idx = idx.gather(-1, order)
+    out = best_idx.sort(dim=-1).values
+    return out[:, 0] if not per_query else out
+
+
+def sparse_cross_attention(q, k, v, index, scale=None):
+    """softmax(q k_S^T * scale) v_S per head over the positions S in `index`.
+
+    q [B, H, N, D], k/v [B, H, L, D], index [B, S] (shared by every query) or [B, N, S] (per query),
+    entries -1 are padding. Duplicated indices count once per occurrence. A row with no valid index
+    returns zeros."""
+    b, h, n, d = q.shape
+    scale = d ** -0.5 if scale is None else scale
+    index = index.long()
+    per_query = index.dim() == 3
+    valid = index >= 0
+    safe = index.clamp_min(0)
+    if per_query:  # [B, 1, N, S] -> gather rows of k/v per query
+        gather = safe[:, None, :, :, None].expand(b, h, n, safe.shape[-1], d)
+        ks = k[:, :, None].expand(b, h, n, *k.shape[2:]).gather(3, gather)
+        vs = v[:, :, None].expand(b, h, n, *v.shape[2:]).gather(3, gather)
+        logits = (q[:, :, :, None, :] * ks).sum(-1) * scale  # [B, H, N, S]
+        mask = valid[:, None]
+    else:
+        gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
+        ks, vs = k.gather(2, gather), v.gather(2, gather)
+        logits = q @ ks.transpose(-1, -2) * scale
+        mask = valid[:, None, None, :]
+    # Padding gets the lowest finite logit, then probability 0: a row with nothing valid comes out 0,
+    # with finite gradients (an all -inf row would give NaN).
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in fp32 at least
+    logits = logits.to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    probs = (torch.softmax(logits, dim=-1) * mask).to(q.dtype)
+    if per_query:
+        return (probs[..., None] * vs).sum(-2)
+    return probs @ vs
