@@ -14,7 +14,6 @@ for the case, else the reference. ``LORS_KERNELS_BACKEND`` or :func:`set_backend
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import importlib
 import importlib.util
@@ -51,16 +50,6 @@ def set_backend(name: str | None) -> str | None:
     previous = _override
     _override = _canonical(name)
     return previous
-
-
-@contextlib.contextmanager
-def use_backend(name: str | None):
-    """``with use_backend("reference"): ...`` forces a backend inside the block."""
-    previous = set_backend(name)
-    try:
-        yield
-    finally:
-        set_backend(previous)
 
 
 def forced_backend() -> str | None:

@@ -241,7 +241,6 @@ def machine_info(device: str, dtype: str) -> dict:
         info["triton"] = None
     if device == "cuda":
         info["gpu"] = torch.cuda.get_device_name()
-        info["driver"] = getattr(torch.version, "cuda", None)
     return info
 
 

@@ -125,11 +125,6 @@ def pick_config(m: int, dtype: torch.dtype) -> Config:
     return CONFIGS[(bucket, 2 if dtype.itemsize == 2 else 4)]
 
 
-def rank_block(r: int) -> int:
-    """tl.dot needs every dimension >= 16; ranks are padded (masked) up to a power of two."""
-    return block(r)
-
-
 def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, scaling=1.0):
     """out[M, N] = a @ b (+ scaling * T @ up) (+ bias); T = a @ down when `down` is given, else `t`.
 
@@ -142,7 +137,8 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
     if m == 0 or n == 0:
         return out
     cfg = pick_config(m, a.dtype if a.dtype.itemsize == 2 else b.dtype)
-    block_r = min(rank_block(r), MAX_FUSED_RANK)  # given-T mode loops over R in blocks of this size
+    # tl.dot wants every dimension >= 16: ranks are padded (masked); given-T mode loops over R in blocks
+    block_r = min(block(r), MAX_FUSED_RANK)
     t_any = t if t is not None else t_out
 
     def strides(x):
