@@ -104,6 +104,20 @@ def _atomic_add(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
+def _chain_backward(e, q, f, a, d, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """Gradients of the low-rank chain E @ Q @ F @ a given d, the gradient of its [rows, C] result:
+    (dE, dQ, dF, da). E [rows, R], Q [R, R], F [R, cols], a [cols, C], all in the dot dtype."""
+    fa = tl.dot(f, a, input_precision=PRECISION).to(DT)                      # [R, C]
+    qfa = tl.dot(q, fa, input_precision=PRECISION).to(DT)                    # [R, C]
+    dqfa = tl.dot(tl.trans(e), d, input_precision=PRECISION).to(DT)          # [R, C]
+    dfa = tl.dot(tl.trans(q), dqfa, input_precision=PRECISION).to(DT)        # [R, C]
+    return (tl.dot(d, tl.trans(qfa), input_precision=PRECISION),
+            tl.dot(dqfa, tl.trans(fa), input_precision=PRECISION),
+            tl.dot(dfa, tl.trans(a), input_precision=PRECISION),
+            tl.dot(tl.trans(f), dfa, input_precision=PRECISION))
+
+
+@triton.jit
 def mixing_kernel(
     x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr,
     em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
@@ -159,17 +173,11 @@ def mixing_kernel(
             e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
             q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
             f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
-            fh = tl.dot(f, h_dt, input_precision=PRECISION).to(DT)          # [R, C]
-            qfh = tl.dot(q, fh, input_precision=PRECISION).to(DT)           # [R, C]
-            _atomic_add(des_ptr + j * P_OUT * R, tl.dot(dpre2_dt, tl.trans(qfh), input_precision=PRECISION),
-                        offs_po, offs_r, R, 1, P_OUT, R)
-            dqfh = tl.dot(tl.trans(e), dpre2_dt, input_precision=PRECISION).to(DT)   # [R, C]
-            _store(dqs_ptr + n * sqs_n + j * sqs_j, tl.dot(dqfh, tl.trans(fh), input_precision=PRECISION),
-                   offs_r, offs_r, sqs_r, sqs_s, R, R)
-            dfh = tl.dot(tl.trans(q), dqfh, input_precision=PRECISION).to(DT)        # [R, C]
-            _atomic_add(dfs_ptr + j * R * P_IN, tl.dot(dfh, tl.trans(h_dt), input_precision=PRECISION),
-                        offs_r, offs_pi, P_IN, 1, R, P_IN)
-            dh += tl.dot(tl.trans(f), dfh, input_precision=PRECISION)
+            de, dq, df, dh_k = _chain_backward(e, q, f, h_dt, dpre2_dt, DT, PRECISION)
+            _atomic_add(des_ptr + j * P_OUT * R, de, offs_po, offs_r, R, 1, P_OUT, R)
+            _store(dqs_ptr + n * sqs_n + j * sqs_j, dq, offs_r, offs_r, sqs_r, sqs_s, R, R)
+            _atomic_add(dfs_ptr + j * R * P_IN, df, offs_r, offs_pi, P_IN, 1, R, P_IN)
+            dh += dh_k
 
     # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
     mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
@@ -179,22 +187,20 @@ def mixing_kernel(
            offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
     dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
     if CHANNEL_PRIVATE:
+        # pre1^T = F^T Q^T E^T x^T: the spatial chain's shape, on tiles loaded and stored transposed.
+        x_t, dpre1_t = tl.trans(x), tl.trans(dpre1_dt)
+        dx_t = tl.zeros((BLOCK_CI, BLOCK_PI), dtype=tl.float32)
         for kk in range(KM):
             j = g * KM + kk
-            e = _tile(em_ptr + j * sem_j, offs_ci, offs_r, sem_a, sem_r, C_IN, R, DT)
-            q = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_r, sqm_s, R, R, DT)
-            f = _tile(fm_ptr + j * sfm_j, offs_r, offs_co, sfm_r, sfm_b, R, C_OUT, DT)
-            xe = tl.dot(x, e, input_precision=PRECISION).to(DT)             # [P, R]
-            xeq = tl.dot(xe, q, input_precision=PRECISION).to(DT)           # [P, R]
-            _atomic_add(dfm_ptr + j * R * C_OUT, tl.dot(tl.trans(xeq), dpre1_dt, input_precision=PRECISION),
-                        offs_r, offs_co, C_OUT, 1, R, C_OUT)
-            dxeq = tl.dot(dpre1_dt, tl.trans(f), input_precision=PRECISION).to(DT)   # [P, R]
-            _store(dqm_ptr + n * sqm_n + j * sqm_j, tl.dot(tl.trans(xe), dxeq, input_precision=PRECISION),
-                   offs_r, offs_r, sqm_r, sqm_s, R, R)
-            dxe = tl.dot(dxeq, tl.trans(q), input_precision=PRECISION).to(DT)        # [P, R]
-            _atomic_add(dem_ptr + j * C_IN * R, tl.dot(tl.trans(x), dxe, input_precision=PRECISION),
-                        offs_ci, offs_r, R, 1, C_IN, R)
-            dx += tl.dot(dxe, tl.trans(e), input_precision=PRECISION)
+            f_t = _tile(fm_ptr + j * sfm_j, offs_co, offs_r, sfm_b, sfm_r, C_OUT, R, DT)
+            q_t = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_s, sqm_r, R, R, DT)
+            e_t = _tile(em_ptr + j * sem_j, offs_r, offs_ci, sem_r, sem_a, R, C_IN, DT)
+            df_t, dq_t, de_t, dx_k = _chain_backward(f_t, q_t, e_t, x_t, dpre1_t, DT, PRECISION)
+            _atomic_add(dfm_ptr + j * R * C_OUT, df_t, offs_co, offs_r, 1, C_OUT, C_OUT, R)
+            _store(dqm_ptr + n * sqm_n + j * sqm_j, dq_t, offs_r, offs_r, sqm_s, sqm_r, R, R)
+            _atomic_add(dem_ptr + j * C_IN * R, de_t, offs_r, offs_ci, 1, R, R, C_IN)
+            dx_t += dx_k
+        dx += tl.trans(dx_t)
     _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
 
 
