@@ -7,6 +7,11 @@ from __future__ import annotations
 import torch
 
 
+def shape_str(t: torch.Tensor) -> str:
+    """"[2, 3]" for error messages that name the shapes they saw."""
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
 def eager_twin(forward, setup_context, backward):
     """An autograd.Function with `forward(*args)`, `setup_context(ctx, args, output)` and
     `backward(ctx, *grads) -> one gradient (or None) per arg`."""

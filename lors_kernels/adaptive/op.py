@@ -8,14 +8,12 @@ import torch
 from torch import Tensor
 
 from .. import backend, custom_op
+from ..custom_op import shape_str
 from . import reference
 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 EPS = 1e-5
 
-
-def _shape(t) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
 def check_inputs(x, m, s, channel_private, spatial_private) -> None:
@@ -24,14 +22,14 @@ def check_inputs(x, m, s, channel_private, spatial_private) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"adaptive_mixing: {name} must be a Tensor, got {type(t).__name__}")
         if t.dim() != 4:
-            raise ValueError(f"adaptive_mixing: {name} must be 4-D, got {_shape(t)}")
+            raise ValueError(f"adaptive_mixing: {name} must be 4-D, got {shape_str(t)}")
     bn, groups, p_in, c_in = x.shape
     if tuple(m.shape[:3]) != (bn, groups, c_in):
-        raise ValueError(f"adaptive_mixing: M {_shape(m)} must be [BN, G, C_in, C_out] = [{bn}, {groups}, {c_in}, *] "
-                         f"for x {_shape(x)}")
+        raise ValueError(f"adaptive_mixing: M {shape_str(m)} must be [BN, G, C_in, C_out] = [{bn}, {groups}, {c_in}, *] "
+                         f"for x {shape_str(x)}")
     if tuple(s.shape[:2]) != (bn, groups) or s.shape[3] != p_in:
-        raise ValueError(f"adaptive_mixing: S {_shape(s)} must be [BN, G, P_out, P_in] = [{bn}, {groups}, *, {p_in}] "
-                         f"for x {_shape(x)}")
+        raise ValueError(f"adaptive_mixing: S {shape_str(s)} must be [BN, G, P_out, P_in] = [{bn}, {groups}, *, {p_in}] "
+                         f"for x {shape_str(x)}")
     c_out, p_out = m.shape[3], s.shape[2]
     ranks = []  # a list: symbolic sizes are not hashable
     for label, private, rows, cols in (("channel_private", channel_private, c_in, c_out),
@@ -44,12 +42,12 @@ def check_inputs(x, m, s, channel_private, spatial_private) -> None:
         e, q, f = private
         if e.dim() != 3 or q.dim() != 4 or f.dim() != 3:
             raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [BN, G*K, r, r], "
-                             f"F [G*K, r, {cols}]; got {_shape(e)}, {_shape(q)}, {_shape(f)}")
+                             f"F [G*K, r, {cols}]; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}")
         gk, r = e.shape[0], e.shape[2]
         if (gk % max(groups, 1) or tuple(e.shape) != (gk, rows, r) or tuple(q.shape) != (bn, gk, r, r)
                 or tuple(f.shape) != (gk, r, cols)):
             raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [{bn}, G*K, r, r], "
-                             f"F [G*K, r, {cols}] with G = {groups}; got {_shape(e)}, {_shape(q)}, {_shape(f)}")
+                             f"F [G*K, r, {cols}] with G = {groups}; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}")
         ranks.append(r)
     if len(ranks) == 2 and ranks[0] != ranks[1]:
         raise ValueError(f"adaptive_mixing: channel and spatial private parts must share one rank, got {sorted(ranks)}")
@@ -238,13 +236,13 @@ def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optiona
     q = query.reshape(-1, query.shape[-1])
     for name, t in (("gen_weight", gen_weight), ("core_weight", core_weight)):
         if t is not None and (t.dim() != 2 or t.shape[1] != q.shape[1]):
-            raise ValueError(f"generate_mixing_weights: {name} {_shape(t)} must be [*, {q.shape[1]}] for query "
-                             f"{_shape(query)}")
+            raise ValueError(f"generate_mixing_weights: {name} {shape_str(t)} must be [*, {q.shape[1]}] for query "
+                             f"{shape_str(query)}")
     if gen_weight.shape[0] != groups * (in_channels * out_channels + in_points * out_points):
-        raise ValueError(f"generate_mixing_weights: gen_weight {_shape(gen_weight)} must have G*(C_in*C_out + "
+        raise ValueError(f"generate_mixing_weights: gen_weight {shape_str(gen_weight)} must have G*(C_in*C_out + "
                          f"P_in*P_out) = {groups * (in_channels * out_channels + in_points * out_points)} rows")
     if core_weight is not None and (rank <= 0 or core_weight.shape[0] % (2 * groups * rank * rank)):
-        raise ValueError(f"generate_mixing_weights: core_weight {_shape(core_weight)} must have 2*G*K*r*r rows "
+        raise ValueError(f"generate_mixing_weights: core_weight {shape_str(core_weight)} must have 2*G*K*r*r rows "
                          f"(G = {groups}, r = {rank})")
     args = (q, gen_weight, gen_bias, core_weight, core_bias)
     if torch.compiler.is_compiling():

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend, custom_op
+from ..custom_op import shape_str
 from . import reference
 
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
@@ -24,9 +25,6 @@ def native_wins(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
         return m <= 16
     return m <= 2 or m * n * k <= 1 << 22
 
-
-def _shape(t: Tensor) -> str:
-    return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
 def check_inputs(x, weight, down, up, bias) -> None:
@@ -55,22 +53,22 @@ def _explain_bad_inputs(x, weight, down, up, bias) -> None:
         if t.dtype not in FLOAT_DTYPES:
             raise TypeError(f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {FLOAT_DTYPES}")
     if x.dim() < 1:
-        raise ValueError(f"lors_linear: x must have at least one dimension [..., in], got shape {_shape(x)}")
+        raise ValueError(f"lors_linear: x must have at least one dimension [..., in], got shape {shape_str(x)}")
     for name, dim in (("weight", 2), ("down", 2), ("up", 2), ("bias", 1)):
         if name in named and named[name].dim() != dim:
-            raise ValueError(f"lors_linear: {name} must be {dim}-D, got shape {_shape(named[name])}")
+            raise ValueError(f"lors_linear: {name} must be {dim}-D, got shape {shape_str(named[name])}")
     out_f, in_f = weight.shape
     r = down.shape[0]
     if x.shape[-1] != in_f:
-        raise ValueError(f"lors_linear: x {_shape(x)} has {x.shape[-1]} input features but weight "
-                         f"{_shape(weight)} expects {in_f}")
+        raise ValueError(f"lors_linear: x {shape_str(x)} has {x.shape[-1]} input features but weight "
+                         f"{shape_str(weight)} expects {in_f}")
     if down.shape[1] != in_f:
-        raise ValueError(f"lors_linear: down {_shape(down)} must be [rank, in] = [R, {in_f}] for weight {_shape(weight)}")
+        raise ValueError(f"lors_linear: down {shape_str(down)} must be [rank, in] = [R, {in_f}] for weight {shape_str(weight)}")
     if tuple(up.shape) != (out_f, r):
-        raise ValueError(f"lors_linear: up {_shape(up)} must be [out, rank] = [{out_f}, {r}] "
-                         f"for weight {_shape(weight)} and down {_shape(down)}")
+        raise ValueError(f"lors_linear: up {shape_str(up)} must be [out, rank] = [{out_f}, {r}] "
+                         f"for weight {shape_str(weight)} and down {shape_str(down)}")
     if bias is not None and bias.shape[0] != out_f:
-        raise ValueError(f"lors_linear: bias {_shape(bias)} must be [{out_f}] for weight {_shape(weight)}")
+        raise ValueError(f"lors_linear: bias {shape_str(bias)} must be [{out_f}] for weight {shape_str(weight)}")
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) > 1:
         raise TypeError("lors_linear: all tensors must share one dtype, got "
