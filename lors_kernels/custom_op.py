@@ -19,8 +19,9 @@ def eager_twin(forward, setup_context, backward):
     class Twin(torch.autograd.Function):
         @staticmethod
         def forward(ctx, *args):  # ctx-style: apply() then skips binding the signature
-            setup_context(ctx, args, None)
-            return forward(*args)
+            output = forward(*args)
+            setup_context(ctx, args, output)
+            return output
 
         @staticmethod
         def backward(ctx, *grads):

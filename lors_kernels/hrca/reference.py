@@ -33,7 +33,8 @@ def select_windows(scores: torch.Tensor, low_hw, high_hw, k: int) -> torch.Tenso
     """scores [B, N, n_low] -> int64 pixel indices [B, k * ws * ws] into the flattened high-res map."""
     ws = window_size(low_hw, high_hw)
     lh, lw = low_hw
-    cells = _topk_lowest_index(scores.sum(1), k)[1].sort(dim=-1).values  # [B, k], row-major
+    total = scores.sum(1, dtype=torch.promote_types(scores.dtype, torch.float32))  # fp32 at least
+    cells = _topk_lowest_index(total, k)[1].sort(dim=-1).values  # [B, k], row-major
     cy, cx = cells // lw, cells % lw
     d = torch.arange(ws, device=scores.device)
     rows = (cy[:, :, None] * ws + d)[:, :, :, None]  # [B, k, ws, 1]
@@ -57,8 +58,9 @@ def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_que
     (lh, lw), (hh, hw) = low_hw, high_hw
     if k > hh * hw:
         raise ValueError(f"k = {k} is larger than the high-resolution map ({hh}x{hw} = {hh * hw} pixels)")
-    s = scores.sum(1, keepdim=True) if not per_query else scores
-    s = s.double().reshape(*s.shape[:2], lh, lw)
+    s = scores.double()
+    s = s.sum(1, keepdim=True) if not per_query else s
+    s = s.reshape(*s.shape[:2], lh, lw)
     y0, y1, wy = _source_taps(hh, lh, s.device)
     x0, x1, wx = _source_taps(hw, lw, s.device)
     # Upsample along x once: [B, N', lh, W_high] (1/ws of the full map), then rows chunk by chunk.
@@ -77,19 +79,14 @@ def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_que
     return out[:, 0] if not per_query else out
 
 
-def sparse_cross_attention(q, k, v, index, scale=None):
-    """softmax(q k_S^T * scale) v_S per head over the positions S in `index`.
-
-    q [B, H, N, D], k/v [B, H, L, D], index [B, S] (shared by every query) or [B, N, S] (per query),
-    entries -1 are padding. Duplicated indices count once per occurrence. A row with no valid index
-    returns zeros."""
+def _gather(q, k, v, index, scale):
+    """(K_S, V_S, mask, fp32+ logits with padding at the lowest finite value) for the index set.
+    Shared: K_S [B, H, S, D], logits [B, H, N, S]; per query: K_S [B, H, N, S, D]."""
     b, h, n, d = q.shape
-    scale = d ** -0.5 if scale is None else scale
     index = index.long()
-    per_query = index.dim() == 3
     valid = index >= 0
     safe = index.clamp_min(0)
-    if per_query:  # [B, 1, N, S] -> gather rows of k/v per query
+    if index.dim() == 3:  # per query: rows of k/v for every query
         gather = safe[:, None, :, :, None].expand(b, h, n, safe.shape[-1], d)
         ks = k[:, :, None].expand(b, h, n, *k.shape[2:]).gather(3, gather)
         vs = v[:, :, None].expand(b, h, n, *v.shape[2:]).gather(3, gather)
@@ -104,7 +101,57 @@ def sparse_cross_attention(q, k, v, index, scale=None):
     # with finite gradients (an all -inf row would give NaN).
     dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in fp32 at least
     logits = logits.to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    return ks, vs, mask, logits
+
+
+def _weighted(probs, vs):
+    """sum_s probs[..., s] * vs[..., s, :] for shared ([B, H, S, D]) or per-query ([B, H, N, S, D]) rows."""
+    return (probs[..., None] * vs).sum(-2) if vs.dim() == 5 else probs @ vs
+
+
+def sparse_cross_attention(q, k, v, index, scale=None):
+    """softmax(q k_S^T * scale) v_S per head over the positions S in `index`.
+
+    q [B, H, N, D], k/v [B, H, L, D], index [B, S] (shared by every query) or [B, N, S] (per query),
+    entries -1 are padding. Duplicated indices count once per occurrence. A row with no valid index
+    returns zeros."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ks, vs, mask, logits = _gather(q, k, v, index, scale)
     probs = (torch.softmax(logits, dim=-1) * mask).to(q.dtype)
+    return _weighted(probs, vs)
+
+
+def log_sum_exp(q, k, index, scale):
+    """fp32 [B, H, N] log-sum-exp of each row's valid logits, +inf for a row with none (the kernels'
+    convention: exp(logit - lse) is then 0)."""
+    _, _, mask, logits = _gather(q, k, k, index, scale)
+    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
+    return lse.float().masked_fill(~mask.any(-1), float("inf"))
+
+
+def _scatter(grad_s, index, length):
+    """Sum slot gradients [B, H, S, D] or [B, H, N, S, D] into rows [B, H, L, D] at their index."""
+    b, h, d = grad_s.shape[0], grad_s.shape[1], grad_s.shape[-1]
+    rows = index.long().clamp_min(0).reshape(b, 1, -1, 1).expand(b, h, -1, d)
+    out = grad_s.new_zeros((b, h, length, d))
+    return out.scatter_add_(2, rows, grad_s.reshape(b, h, -1, d))
+
+
+def sparse_cross_attention_backward(dout, q, k, v, index, scale=None):
+    """(dq, dk, dv) of sparse_cross_attention, by the softmax backward written out (the custom op's
+    reference backward runs below autograd). Padding slots have probability 0, so they add nothing."""
+    scale = q.shape[-1] ** -0.5 if scale is None else scale
+    ks, vs, mask, logits = _gather(q, k, v, index, scale)
+    probs = torch.softmax(logits, dim=-1) * mask
+    dtype = probs.dtype
+    dout = dout.to(dtype)
+    per_query = index.dim() == 3
+    dprobs = (dout[:, :, :, None, :] * vs).sum(-1) if per_query else dout @ vs.to(dtype).transpose(-1, -2)
+    dlogits = probs * (dprobs - (dprobs * probs).sum(-1, keepdim=True)) * scale
+    dq = _weighted(dlogits, ks.to(dtype))
     if per_query:
-        return (probs[..., None] * vs).sum(-2)
-    return probs @ vs
+        dks, dvs = dlogits[..., None] * q[:, :, :, None, :].to(dtype), probs[..., None] * dout[:, :, :, None, :]
+    else:
+        dks, dvs = dlogits.transpose(-1, -2) @ q.to(dtype), probs.transpose(-1, -2) @ dout
+    length = k.shape[2]
+    return dq.to(q.dtype), _scatter(dks, index, length).to(k.dtype), _scatter(dvs, index, length).to(v.dtype)

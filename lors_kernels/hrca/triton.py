@@ -1,0 +1,379 @@
+"""Triton kernels for HRCA: attention over index sets, and fused bilinear top-k selection.
+
+Attention (flash-attention's online softmax, over a list of key rows instead of a range):
+- every program walks the index list in blocks of BLOCK_S, loads those K/V rows straight from
+  [B, H, L, D] (no gathered K_S/V_S), keeps a running max and sum, and saves only the log-sum-exp;
+- a shared index set serves a whole tile of BLOCK_N queries per loaded block (tensor-core dots);
+  a per-query set gives each program one query (its rows differ from every other query's);
+- padding (-1) and out-of-range tail slots get logit -inf; a row with no valid slot stores 0 and
+  lse = +inf, so the backward's exp(logit - lse) is 0 there, never NaN.
+Backward (dO, O, lse -> dq, dk, dv; delta = rowsum(dO * O)):
+- `attention_query_kernel`: per query tile, dq; for per-query sets also each (query, slot)'s dk/dv;
+- `attention_slot_kernel` (shared sets): per slot block, dk/dv summed over every query in registers;
+- slot gradients reach dk/dv [B, H, L, D] either by fp32 atomics at their index, or (deterministic
+  mode) stored per slot and summed by the caller with index_add_, whose CUDA kernel is deterministic
+  under torch.use_deterministic_algorithms.
+Logits are scaled by scale * log2(e) so the softmax runs on exp2.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import triton
+import triton.language as tl
+
+from .. import triton_utils
+from ..triton_utils import block, dot_dtype, precision
+
+LOG2E = math.log2(math.e)
+
+
+@triton.jit
+def _rows(ptr, index, valid, offs_d, stride_l, D):
+    """K or V rows at `index` ([BLOCK_S] int64): [BLOCK_S, BLOCK_D], zero where invalid."""
+    mask = valid[:, None] & (offs_d[None, :] < D)
+    return tl.load(ptr + index[:, None] * stride_l + offs_d[None, :], mask=mask, other=0.0)
+
+
+@triton.jit
+def _index_block(index_ptr, start, S, BLOCK_S: tl.constexpr):
+    offs_s = start + tl.arange(0, BLOCK_S)
+    index = tl.load(index_ptr + offs_s, mask=offs_s < S, other=-1).to(tl.int64)
+    return offs_s, index, index >= 0
+
+
+@triton.jit
+def _logits(q, k, valid, scale_log2, PER_QUERY: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """q [BLOCK_N, BLOCK_D] . k [BLOCK_S, BLOCK_D]^T * scale * log2(e), -inf at invalid slots.
+    A per-query program has BLOCK_N = 1: a reduction instead of a dot (dots need 16 rows)."""
+    if PER_QUERY:
+        qk = tl.sum(q.to(tl.float32) * k.to(tl.float32), axis=1)[None, :]
+    else:
+        qk = tl.dot(q.to(DT), tl.trans(k.to(DT)), input_precision=PRECISION)
+    return tl.where(valid[None, :], qk * scale_log2, float("-inf"))
+
+
+@triton.jit
+def _times(p, rows, PER_QUERY: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr):
+    """p [BLOCK_N, BLOCK_S] @ rows [BLOCK_S, BLOCK_D] in fp32."""
+    if PER_QUERY:
+        return tl.sum(tl.trans(p) * rows.to(tl.float32), axis=0)[None, :]
+    return tl.dot(p.to(DT), rows.to(DT), input_precision=PRECISION)
+
+
+@triton.jit
+def attention_forward_kernel(
+    q_ptr, k_ptr, v_ptr, index_ptr, out_ptr, lse_ptr,
+    H, N, S, D, scale_log2,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, so_b, so_h, so_n,
+    PER_QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    k_ptr += b * sk_b + h * sk_h
+    v_ptr += b * sv_b + h * sv_h
+    index_ptr += b * si_b + pid_n * si_n  # si_n = 0 for a shared set
+
+    m = tl.full([BLOCK_N], float("-inf"), tl.float32)
+    l = tl.zeros([BLOCK_N], tl.float32)
+    acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, S, BLOCK_S):
+        _, index, valid = _index_block(index_ptr, start, S, BLOCK_S)
+        k = _rows(k_ptr, index, valid, offs_d, sk_l, D)
+        logits = _logits(q, k, valid, scale_log2, PER_QUERY, DT, PRECISION)
+        m_new = tl.maximum(m, tl.max(logits, axis=1))
+        m_ref = tl.where(m_new == float("-inf"), 0.0, m_new)  # nothing valid yet: keep exp2 finite
+        p = tl.exp2(logits - m_ref[:, None])
+        alpha = tl.exp2(m - m_ref)
+        l = l * alpha + tl.sum(p, axis=1)
+        v = _rows(v_ptr, index, valid, offs_d, sv_l, D)
+        acc = acc * alpha[:, None] + _times(p, v, PER_QUERY, DT, PRECISION)
+        m = m_new
+
+    has_any = l > 0
+    out = acc / tl.where(has_any, l, 1.0)[:, None]
+    tl.store(out_ptr + b * so_b + h * so_h + offs_n[:, None] * so_n + offs_d[None, :],
+             out.to(out_ptr.dtype.element_ty), mask=q_mask)
+    lse = tl.where(has_any, (m + tl.log2(tl.where(has_any, l, 1.0))) / 1.4426950408889634, float("inf"))
+    tl.store(lse_ptr + bh * N + offs_n, lse, mask=offs_n < N)
+
+
+@triton.jit
+def _slot_grads_out(dk, dv, index, valid, offs_slot, offs_d, D, dk_ptr, dv_ptr, s_l, slot_ptr_k, slot_ptr_v,
+                    ATOMIC: tl.constexpr):
+    """Send one block of slot gradients [BLOCK_S, BLOCK_D] on: atomically added at their index into
+    dk/dv (fp32, row stride s_l), or stored per slot (row offsets offs_slot) for a deterministic sum."""
+    if ATOMIC:
+        mask = valid[:, None] & (offs_d[None, :] < D)
+        at = index[:, None] * s_l + offs_d[None, :]
+        # relaxed: nothing reads these sums before the kernel ends
+        tl.atomic_add(dk_ptr + at, dk, mask=mask, sem="relaxed")
+        tl.atomic_add(dv_ptr + at, dv, mask=mask, sem="relaxed")
+    else:
+        mask = (offs_slot[:, None] >= 0) & (offs_d[None, :] < D)
+        at = offs_slot[:, None] * s_l + offs_d[None, :]
+        tl.store(slot_ptr_k + at, tl.where(valid[:, None], dk, 0.0), mask=mask)
+        tl.store(slot_ptr_v + at, tl.where(valid[:, None], dv, 0.0), mask=mask)
+
+
+@triton.jit
+def attention_query_kernel(
+    q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
+    H, N, S, D, n0, scale_log2, scale,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, sd_b, sd_h, sd_n, sdq_b, sdq_h, sdq_n,
+    sg_b, sg_h, sg_n, sg_l,
+    PER_QUERY: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
+    BLOCK_D: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dq for a tile of queries (from n0 on). Per-query sets: also each slot's dk/dv, atomically into
+    dk/dv [B, H, L, D] (strides sg_b, sg_h, sg_l) or stored into a per-slot buffer [B, H, chunk, S, D]
+    (strides sg_b, sg_h, sg_n, sg_l)."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_n = n0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    q_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+    q = tl.load(q_ptr + b * sq_b + h * sq_h + offs_n[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0)
+    dout = tl.load(dout_ptr + b * sd_b + h * sd_h + offs_n[:, None] * sd_n + offs_d[None, :], mask=q_mask, other=0.0)
+    lse_log2 = tl.load(lse_ptr + bh * N + offs_n, mask=offs_n < N, other=float("inf")) * 1.4426950408889634
+    delta = tl.load(delta_ptr + bh * N + offs_n, mask=offs_n < N, other=0.0)
+    k_ptr += b * sk_b + h * sk_h
+    v_ptr += b * sv_b + h * sv_h
+    index_ptr += b * si_b + (n0 + pid_n) * si_n
+    if ATOMIC:
+        dk_ptr += b * sg_b + h * sg_h
+        dv_ptr += b * sg_b + h * sg_h
+    else:
+        dk_ptr += b * sg_b + h * sg_h + pid_n * sg_n
+        dv_ptr += b * sg_b + h * sg_h + pid_n * sg_n
+
+    dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
+    for start in range(0, S, BLOCK_S):
+        offs_s, index, valid = _index_block(index_ptr, start, S, BLOCK_S)
+        k = _rows(k_ptr, index, valid, offs_d, sk_l, D)
+        v = _rows(v_ptr, index, valid, offs_d, sv_l, D)
+        p = tl.exp2(_logits(q, k, valid, scale_log2, PER_QUERY, DT, PRECISION) - lse_log2[:, None])
+        if PER_QUERY:
+            dp = tl.sum(dout.to(tl.float32) * v.to(tl.float32), axis=1)[None, :]
+        else:
+            dp = tl.dot(dout.to(DT), tl.trans(v.to(DT)), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dq += _times(ds, k, PER_QUERY, DT, PRECISION)
+        if PER_QUERY:  # this program is the only one with these (query, slot) pairs
+            dv_rows = tl.trans(p) * dout.to(tl.float32)
+            dk_rows = tl.trans(ds) * q.to(tl.float32) * scale
+            _slot_grads_out(dk_rows, dv_rows, index, valid, tl.where(offs_s < S, offs_s, -1), offs_d, D,
+                            dk_ptr, dv_ptr, sg_l, dk_ptr, dv_ptr, ATOMIC)
+    tl.store(dq_ptr + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :],
+             (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
+
+
+@triton.jit
+def attention_slot_kernel(
+    q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
+    H, N, S, D, scale_log2, scale,
+    sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, sd_b, sd_h, sd_n, sg_b, sg_h, sg_l,
+    ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
+    DT: tl.constexpr, PRECISION: tl.constexpr,
+):
+    """dk, dv of one block of a shared index set, summed over every query of the (batch, head)."""
+    pid_s, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_d = tl.arange(0, BLOCK_D)
+    offs_s, index, valid = _index_block(index_ptr + b * si_b, pid_s * BLOCK_S, S, BLOCK_S)
+    k = _rows(k_ptr + b * sk_b + h * sk_h, index, valid, offs_d, sk_l, D).to(DT)
+    v = _rows(v_ptr + b * sv_b + h * sv_h, index, valid, offs_d, sv_l, D).to(DT)
+    q_ptr += b * sq_b + h * sq_h
+    dout_ptr += b * sd_b + h * sd_h
+
+    dk = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    dv = tl.zeros([BLOCK_S, BLOCK_D], tl.float32)
+    for start in range(0, N, BLOCK_N):
+        offs_n = start + tl.arange(0, BLOCK_N)
+        q_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
+        q = tl.load(q_ptr + offs_n[:, None] * sq_n + offs_d[None, :], mask=q_mask, other=0.0).to(DT)
+        dout = tl.load(dout_ptr + offs_n[:, None] * sd_n + offs_d[None, :], mask=q_mask, other=0.0).to(DT)
+        lse_log2 = tl.load(lse_ptr + bh * N + offs_n, mask=offs_n < N, other=float("inf")) * 1.4426950408889634
+        delta = tl.load(delta_ptr + bh * N + offs_n, mask=offs_n < N, other=0.0)
+        p = tl.exp2(_logits(q, k, valid, scale_log2, False, DT, PRECISION) - lse_log2[:, None])
+        dv += tl.dot(tl.trans(p.to(DT)), dout, input_precision=PRECISION)
+        dp = tl.dot(dout, tl.trans(v), input_precision=PRECISION)
+        ds = p * (dp - delta[:, None])
+        dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PRECISION)
+    base = b * sg_b + h * sg_h
+    _slot_grads_out(dk * scale, dv, index, valid, tl.where(offs_s < S, offs_s, -1), offs_d, D,
+                    dk_ptr + base, dv_ptr + base, sg_l, dk_ptr + base, dv_ptr + base, ATOMIC)
+
+
+# ------------------------------------------------------------------------------------------- launchers
+
+
+def _config(per_query: bool, n: int, d: int, dtype: torch.dtype):
+    """(BLOCK_N, BLOCK_S, BLOCK_D, num_warps). Per-query programs hold a [BLOCK_S, BLOCK_D] tile per
+    operand and reduce it: keep it to 8K elements. Dot tiles halve for rows over 256 bytes (D = 128 in
+    fp32, 256 in 16-bit) to stay within sm_80's 163 KB of shared memory."""
+    block_d = block(d)
+    if per_query:
+        return 1, max(16, min(128, 8192 // block_d)), block_d, 4
+    tile = 64 if block_d * dtype.itemsize <= 256 else 32
+    block_n = 16 if n <= 16 else min(tile, 32 if n <= 32 else 64)
+    return block_n, tile, block_d, 4 if block_d <= 64 else 8
+
+
+def _strides(t: torch.Tensor, dims: int = 3):
+    return list(t.stride()[:dims])
+
+
+def _index_strides(index: torch.Tensor):
+    return [index.stride(0), index.stride(1) if index.dim() == 3 else 0]
+
+
+def attention_forward(q, k, v, index, scale):
+    """(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32, natural log). Last dims contiguous."""
+    b, h, n, d = q.shape
+    per_query = index.dim() == 3
+    out = torch.empty_like(q, memory_format=torch.contiguous_format)
+    lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype)
+    args = [q, k, v, index, out, lse, h, n, index.shape[-1], d, scale * LOG2E,
+            *_strides(q), *_strides(k), *_strides(v), *_index_strides(index), *_strides(out)]
+    constexprs = dict(PER_QUERY=per_query, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d,
+                      DT=dot_dtype(q), PRECISION=precision())
+    triton_utils.launch(attention_forward_kernel, (triton.cdiv(n, block_n), b * h), args, constexprs, warps,
+                        num_stages=2)
+    return out, lse
+
+
+# Deterministic per-query backward: per-slot gradients of this many (query, slot, channel) values at a time.
+SLOT_BUFFER_ELEMENTS = 1 << 25
+
+
+def _scatter_rows(grad, slots, index):
+    """grad [B, H, L, D] (fp32) += slots [B, H, *, S, D] at rows index ([B, S] or [B, *, S]), with
+    index_add_ (deterministic on CUDA under torch.use_deterministic_algorithms). Padding slots hold
+    zeros and go to row 0."""
+    b, h, length, d = grad.shape
+    rows = index.long().clamp_min(0)
+    rows = rows.reshape(b, 1, -1) + length * torch.arange(b * h, device=grad.device).reshape(b, h, 1)
+    grad.view(-1, d).index_add_(0, rows.reshape(-1), slots.reshape(-1, d))
+
+
+def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
+    b, h, n, d = q.shape
+    length, s = k.shape[2], index.shape[-1]
+    per_query = index.dim() == 3
+    dout = dout.contiguous()
+    delta = (dout.float() * out.float()).sum(-1)
+    dq = torch.empty_like(q, memory_format=torch.contiguous_format)
+    # fp32 accumulators; fp32 inputs accumulate into the gradients themselves
+    dk = torch.zeros((b, h, length, d), device=q.device, dtype=torch.float32)
+    dv = torch.zeros_like(dk)
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype)
+    constexprs = dict(BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d, DT=dot_dtype(q), PRECISION=precision())
+    common = [h, n, s, d]
+    strides = [*_strides(q), *_strides(k), *_strides(v)]
+    if per_query:
+        chunk = n if not deterministic else max(1, min(n, SLOT_BUFFER_ELEMENTS // max(1, b * h * s * d)))
+        slots = None if not deterministic else torch.empty((b, h, chunk, s, d), device=q.device, dtype=torch.float32)
+        for n0 in range(0, n, chunk):
+            rows = min(chunk, n - n0)
+            target = (dk, dv) if not deterministic else (slots, torch.empty_like(slots))
+            grad_strides = ([dk.stride(0), dk.stride(1), 0, dk.stride(2)] if not deterministic
+                            else [slots.stride(0), slots.stride(1), slots.stride(2), slots.stride(3)])
+            args = [q, k, v, index, dout, lse, delta, dq, *target, *common, n0, scale * LOG2E, scale,
+                    *strides, *_index_strides(index), *_strides(dout), *_strides(dq), *grad_strides]
+            triton_utils.launch(attention_query_kernel, (rows, b * h), args,
+                                dict(PER_QUERY=True, ATOMIC=not deterministic, **constexprs), warps)
+            if deterministic:
+                _scatter_rows(dk, target[0][:, :, :rows], index[:, n0:n0 + rows])
+                _scatter_rows(dv, target[1][:, :, :rows], index[:, n0:n0 + rows])
+    else:
+        args = [q, k, v, index, dout, lse, delta, dq, dk, dv, *common, 0, scale * LOG2E, scale,
+                *strides, *_index_strides(index), *_strides(dout), *_strides(dq), 0, 0, 0, 0]
+        triton_utils.launch(attention_query_kernel, (triton.cdiv(n, block_n), b * h), args,
+                            dict(PER_QUERY=False, ATOMIC=True, **constexprs), warps)
+        target = (dk, dv) if not deterministic else (
+            torch.empty((b, h, s, d), device=q.device, dtype=torch.float32),
+            torch.empty((b, h, s, d), device=q.device, dtype=torch.float32))
+        args = [q, k, v, index, dout, lse, delta, *target, *common, scale * LOG2E, scale,
+                *strides, index.stride(0), *_strides(dout), *_strides(target[0])]
+        triton_utils.launch(attention_slot_kernel, (triton.cdiv(s, block_s), b * h), args,
+                            dict(ATOMIC=not deterministic, **constexprs), warps)
+        if deterministic:
+            _scatter_rows(dk, target[0], index)
+            _scatter_rows(dv, target[1], index)
+    return dq, dk.to(k.dtype), dv.to(v.dtype)
+
+
+# ------------------------------------------------------------------------------------------- selection
+
+
+@triton.jit
+def _source(pos, scale, in_size):
+    """F.interpolate(bilinear, align_corners=False) along one axis: (i0, i1, w1) for output positions."""
+    src = tl.maximum((pos.to(tl.float32) + 0.5) * scale - 0.5, 0.0)
+    i0 = tl.minimum(src.to(tl.int32), in_size - 1)  # src >= 0: truncation is floor
+    return i0, tl.minimum(i0 + 1, in_size - 1), src - i0.to(tl.float32)
+
+
+@triton.jit
+def _merge_best(best, key, K_POW2: tl.constexpr, BLOCK: tl.constexpr):
+    """The K_POW2 largest of the running best keys and a block's keys."""
+    if BLOCK > K_POW2:
+        key = tl.topk(key, K_POW2)
+    return tl.topk(tl.reshape(tl.join(best, key), [2 * K_POW2]), K_POW2)
+
+
+@triton.jit
+def topk_pixels_kernel(
+    scores_ptr, out_ptr, LH, LW, HH, HW, scale_y, scale_x, K, s_row, so_row,
+    K_POW2: tl.constexpr, BLOCK: tl.constexpr,
+):
+    """The K best pixels of one bilinearly upsampled score map (one program per map), never stored.
+
+    Each value and its pixel index are packed into one int64 key (order-preserving float bits high,
+    2^31 - 1 - index low), so one sort orders by value and, on ties, puts the lower index first.
+    A running best list of K_POW2 keys is merged with each block's best K_POW2."""
+    row = tl.program_id(0)
+    scores_ptr += row.to(tl.int64) * s_row
+    lowest: tl.constexpr = -(2**63)
+    best = tl.full([K_POW2], lowest, tl.int64)
+    n_pixels = HH * HW
+    for start in range(0, n_pixels, BLOCK):
+        pix = start + tl.arange(0, BLOCK)
+        inside = pix < n_pixels
+        y0, y1, wy = _source(pix // HW, scale_y, LH)
+        x0, x1, wx = _source(pix % HW, scale_x, LW)
+        s00 = tl.load(scores_ptr + y0 * LW + x0, mask=inside, other=0.0)
+        s01 = tl.load(scores_ptr + y0 * LW + x1, mask=inside, other=0.0)
+        s10 = tl.load(scores_ptr + y1 * LW + x0, mask=inside, other=0.0)
+        s11 = tl.load(scores_ptr + y1 * LW + x1, mask=inside, other=0.0)
+        value = (1.0 - wy) * ((1.0 - wx) * s00 + wx * s01) + wy * ((1.0 - wx) * s10 + wx * s11)
+        bits = (value + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, which it equals
+        ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed-int order
+        key = tl.where(inside, (ordered.to(tl.int64) << 32) + (2147483647 - pix).to(tl.int64), lowest)
+        if tl.max(key, axis=0) > tl.min(best, axis=0):  # most blocks of a smooth map change nothing
+            best = _merge_best(best, key, K_POW2, BLOCK)
+    offs = tl.arange(0, K_POW2)
+    low = best - ((best >> 32) << 32)
+    tl.store(out_ptr + row.to(tl.int64) * so_row + offs, 2147483647 - low, mask=offs < K)
+
+
+def topk_pixels(scores, low_hw, high_hw, k):
+    """scores [R, n_low] fp32 (one map per row) -> int64 [R, k] pixel indices, unsorted."""
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    rows = scores.shape[0]
+    out = torch.empty((rows, k), device=scores.device, dtype=torch.int64)
+    k_pow2 = block(k)  # sorts want a few elements at least
+    block_pixels = max(k_pow2, min(1024, triton.next_power_of_2(hh * hw)))
+    args = [scores, out, lh, lw, hh, hw, lh / hh, lw / hw, k, scores.stride(0), out.stride(0)]
+    triton_utils.launch(topk_pixels_kernel, (rows,), args, dict(K_POW2=k_pow2, BLOCK=block_pixels),
+                        num_warps=8 if k_pow2 >= 1024 else 4)
+    return out
