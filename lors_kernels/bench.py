@@ -175,7 +175,94 @@ def adaptive_mixing_cases(device: str, dtype: torch.dtype, quick: bool = False):
             for name, b, n in adaptive_mixing_grid(device, quick) for mode in MODES]
 
 
-FAMILIES = {"lors_linear": lors_linear_cases, "adaptive_mixing": adaptive_mixing_cases}
+# -------------------------------------------------------------------------------------------------- hrca
+
+# (low_hw, high_hw, windows kept): ADE20K at 512^2 and Cityscapes at 1024 x 2048, strides 32 and 4.
+HRCA_SIZES = {"ade": ((16, 16), (128, 128), 8), "cityscapes": ((32, 64), (256, 512), 64)}
+HRCA_HEADS, HRCA_DIM = 8, 256
+
+
+def hrca_grid(device: str, quick: bool):
+    """(size, selection, B, N). Selection: FASeg's windows, or bilinear top-k (k = windows * ws^2
+    pixels) shared per image or per query."""
+    if device == "cuda":
+        sizes, ns = ("ade", "cityscapes"), ((100,) if quick else (100, 300))
+        return [(size, sel, 2, n) for size in sizes for sel in ("window", "bilinear", "bilinear-per-query")
+                for n in ns]
+    if quick:
+        return [("ade", "window", 1, 100)]
+    return [("ade", sel, 1, 100) for sel in ("window", "bilinear", "bilinear-per-query")]
+
+
+def hrca_providers(scores, q, k, v, low_hw, high_hw, windows, selection):
+    """Ours (fused selection, attention reading K/V rows by index) against what one writes in PyTorch:
+    top-k (of the upsampled scores for bilinear), gather K/V rows, SDPA; and SDPA over the whole map."""
+    import lors_kernels as lk
+
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    ws = hh // lh
+    per_query = selection.endswith("per-query")
+    b, h, n, d = q.shape
+
+    def ours():
+        if selection == "window":
+            index = lk.select_windows(scores, low_hw, high_hw, windows)
+        else:
+            index = lk.select_topk_pixels(scores, low_hw, high_hw, windows * ws * ws, per_query=per_query)
+        return lk.sparse_cross_attention(q, k, v, index)
+
+    def topk_gather_sdpa():
+        if selection == "window":
+            cells = scores.sum(1).topk(windows, dim=-1).indices  # [B, k]
+            offsets = torch.arange(ws, device=q.device)
+            rows = (cells // lw * ws)[:, :, None, None] + offsets[:, None]
+            cols = (cells % lw * ws)[:, :, None, None] + offsets
+            index = (rows * hw + cols).flatten(1)
+        else:
+            maps = scores.sum(1, keepdim=True) if not per_query else scores
+            up = F.interpolate(maps.reshape(-1, 1, lh, lw).float(), size=(hh, hw), mode="bilinear", align_corners=False)
+            index = up.reshape(b, -1, hh * hw).topk(windows * ws * ws, dim=-1).indices  # [B, 1 or N, S]
+        if not per_query:
+            rows = index.reshape(b, 1, -1, 1).expand(b, h, -1, d)
+            return F.scaled_dot_product_attention(q, k.gather(2, rows), v.gather(2, rows))
+        rows = index[:, None, :, :, None].expand(b, h, n, -1, d)  # every query's own K/V rows
+        k_s = k[:, :, None].expand(b, h, n, -1, d).gather(3, rows)
+        v_s = v[:, :, None].expand(b, h, n, -1, d).gather(3, rows)
+        return F.scaled_dot_product_attention(q[:, :, :, None], k_s, v_s)[:, :, :, 0]
+
+    return {OURS: ours, "topk+gather+SDPA": topk_gather_sdpa,
+            "dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
+
+
+def hrca_case(device: str, dtype: torch.dtype, size: str, selection: str, b: int, n: int, mode: str) -> Case:
+    low_hw, high_hw, windows = HRCA_SIZES[size]
+    g = torch.Generator().manual_seed(0)
+    d = HRCA_DIM // HRCA_HEADS
+    length = high_hw[0] * high_hw[1]
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    scores = torch.rand(b, n, low_hw[0] * low_hw[1], generator=g).softmax(-1).to(device=device, dtype=dtype)
+    q, k, v = rand(b, HRCA_HEADS, n, d), rand(b, HRCA_HEADS, length, d), rand(b, HRCA_HEADS, length, d)
+    pixels = windows * (high_hw[0] // low_hw[0]) ** 2
+    shape = {"size": size, "select": selection, "B": b, "N": n, "S": pixels}
+    # The issue's target: at Cityscapes size on GPUs, >= 3x faster than top-k + gather + SDPA.
+    targets = {"topk+gather+SDPA": 1 / 3} if device == "cuda" and size == "cityscapes" else {}
+    if mode == "fwd":
+        return Case("hrca", mode, shape, hrca_providers(scores, q, k, v, low_hw, high_hw, windows, selection), targets)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    providers = hrca_providers(scores, *leaves, low_hw, high_hw, windows, selection)
+    grad_out = rand(b, HRCA_HEADS, n, d)
+    return Case("hrca", mode, shape, {name: _forward_backward(fn, leaves, grad_out) for name, fn in providers.items()},
+                targets)
+
+
+def hrca_cases(device: str, dtype: torch.dtype, quick: bool = False):
+    return [hrca_case(device, dtype, *shape, mode) for shape in hrca_grid(device, quick) for mode in MODES]
+
+
+FAMILIES = {"lors_linear": lors_linear_cases, "adaptive_mixing": adaptive_mixing_cases, "hrca": hrca_cases}
 
 
 # ------------------------------------------------------------------------------------------------ timing

@@ -13,6 +13,7 @@ Ties go to the lower index; the returned indices are sorted ascending (row-major
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 
 
 def window_size(low_hw, high_hw) -> int:
@@ -79,28 +80,29 @@ def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_que
     return out[:, 0] if not per_query else out
 
 
-def _gather(q, k, v, index, scale):
-    """(K_S, V_S, mask, fp32+ logits with padding at the lowest finite value) for the index set.
-    Shared: K_S [B, H, S, D], logits [B, H, N, S]; per query: K_S [B, H, N, S, D]."""
-    b, h, n, d = q.shape
+def _rows(k, v, index, n):
+    """(K_S, V_S, mask): the listed rows and which slots are real. Shared: K_S [B, H, S, D], mask
+    [B, 1, 1, S]; per query: K_S [B, H, N, S, D] (every query's own rows), mask [B, 1, N, S]."""
+    b, h, _, d = k.shape
     index = index.long()
-    valid = index >= 0
     safe = index.clamp_min(0)
-    if index.dim() == 3:  # per query: rows of k/v for every query
+    if index.dim() == 3:
         gather = safe[:, None, :, :, None].expand(b, h, n, safe.shape[-1], d)
         ks = k[:, :, None].expand(b, h, n, *k.shape[2:]).gather(3, gather)
         vs = v[:, :, None].expand(b, h, n, *v.shape[2:]).gather(3, gather)
-        logits = (q[:, :, :, None, :] * ks).sum(-1) * scale  # [B, H, N, S]
-        mask = valid[:, None]
-    else:
-        gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
-        ks, vs = k.gather(2, gather), v.gather(2, gather)
-        logits = q @ ks.transpose(-1, -2) * scale
-        mask = valid[:, None, None, :]
+        return ks, vs, (index >= 0)[:, None]
+    gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
+    return k.gather(2, gather), v.gather(2, gather), (index >= 0)[:, None, None, :]
+
+
+def _gather(q, k, v, index, scale):
+    """(K_S, V_S, mask, fp32+ logits [B, H, N, S] with padding at the lowest finite value)."""
+    ks, vs, mask = _rows(k, v, index, q.shape[2])
+    logits = (q[:, :, :, None, :] * ks).sum(-1) if ks.dim() == 5 else q @ ks.transpose(-1, -2)
     # Padding gets the lowest finite logit, then probability 0: a row with nothing valid comes out 0,
     # with finite gradients (an all -inf row would give NaN).
     dtype = torch.promote_types(logits.dtype, torch.float32)  # softmax in fp32 at least
-    logits = logits.to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
+    logits = (logits * scale).to(dtype).masked_fill(~mask, torch.finfo(dtype).min)
     return ks, vs, mask, logits
 
 
@@ -114,11 +116,21 @@ def sparse_cross_attention(q, k, v, index, scale=None):
 
     q [B, H, N, D], k/v [B, H, L, D], index [B, S] (shared by every query) or [B, N, S] (per query),
     entries -1 are padding. Duplicated indices count once per occurrence. A row with no valid index
-    returns zeros."""
+    returns zeros. The gathered rows go through SDPA (PyTorch's fused CPU kernel): per query, each
+    query is a batch of its own."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    ks, vs, mask, logits = _gather(q, k, v, index, scale)
-    probs = (torch.softmax(logits, dim=-1) * mask).to(q.dtype)
-    return _weighted(probs, vs)
+    ks, vs, mask = _rows(k, v, index, q.shape[2])
+    padded = not bool(mask.all())
+    # padding: an additive mask at half the lowest finite value (-inf would give NaN for all-padding
+    # rows; the lowest itself can overflow to -inf once a logit is added)
+    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min / 2) \
+        if padded else None
+    if ks.dim() == 5:
+        out = F.scaled_dot_product_attention(q[:, :, :, None], ks, vs, attn_mask=None if bias is None else bias[..., None, :],
+                                             scale=scale)[:, :, :, 0]
+    else:
+        out = F.scaled_dot_product_attention(q, ks, vs, attn_mask=bias, scale=scale)
+    return out.masked_fill(~mask.any(-1)[..., None], 0) if padded else out
 
 
 def log_sum_exp(q, k, index, scale):

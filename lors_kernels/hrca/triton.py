@@ -71,7 +71,7 @@ def attention_forward_kernel(
     PER_QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit: B * H * L * D can pass 2^31
     b, h = bh // H, bh % H
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -135,7 +135,7 @@ def attention_query_kernel(
     """dq for a tile of queries (from n0 on). Per-query sets: also each slot's dk/dv, atomically into
     dk/dv [B, H, L, D] (strides sg_b, sg_h, sg_l) or stored into a per-slot buffer [B, H, chunk, S, D]
     (strides sg_b, sg_h, sg_n, sg_l)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit: B * H * L * D can pass 2^31
     b, h = bh // H, bh % H
     offs_n = n0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
@@ -184,7 +184,7 @@ def attention_slot_kernel(
     DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of one block of a shared index set, summed over every query of the (batch, head)."""
-    pid_s, bh = tl.program_id(0), tl.program_id(1)
+    pid_s, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, BLOCK_D)
     offs_s, index, valid = _index_block(index_ptr + b * si_b, pid_s * BLOCK_S, S, BLOCK_S)
