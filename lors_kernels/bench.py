@@ -11,6 +11,7 @@ import json
 import os
 import platform
 import statistics
+import sys
 import time
 from typing import Callable
 
@@ -362,25 +363,31 @@ def _progress(total: int, enabled: bool):
 # ---------------------------------------------------------------------------------------------- reports
 
 
-def format_table(report: dict) -> str:
-    lines = []
+def family_tables(report: dict):
+    """(family, header, rows of cells) per family: what the terminal table and the README show."""
     results = report["results"]
+    on_gpu = report["machine"]["device"] == "cuda"
     for family in dict.fromkeys(r["family"] for r in results):
         rows = [r for r in results if r["family"] == family]
         peers = [p for p in rows[0]["times"] if p != OURS]
-        header = ["mode", "shape", f"{OURS} ms"] + [f"{p} ms" for p in peers] + [f"÷{p}" for p in peers] + ["target"]
-        if report["machine"]["device"] == "cuda":
-            header.insert(3, "peak MiB")
+        header = ["mode", "shape", f"{OURS} ms"] + (["peak MiB"] if on_gpu else [])
+        header += [f"{p} ms" for p in peers] + [f"÷{p}" for p in peers] + ["target"]
         table = []
         for r in rows:
             cells = [r["mode"], r["label"], f"{r['times'][OURS]['median_ms']:.4f}"]
-            if report["machine"]["device"] == "cuda":
+            if on_gpu:
                 cells.append(f"{(r['peak_bytes'][OURS] or 0) / 2**20:.1f}")
             cells += [f"{r['times'][p]['median_ms']:.4f}" for p in peers]
             cells += [f"{r['ratios'][p]:.2f}" for p in peers]
             verdicts = [f"{'PASS' if ok else 'FAIL'} ≤{r['targets'][p]:.2f}×{p.split()[0]}" for p, ok in r["meets"].items()]
             cells.append(", ".join(verdicts) or "-")
             table.append(cells)
+        yield family, header, table
+
+
+def format_table(report: dict) -> str:
+    lines = []
+    for family, header, table in family_tables(report):
         widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
         lines.append(f"\n{family}  (ratio = time ours / time peer: below 1 is faster)")
         lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
@@ -425,6 +432,7 @@ def main(args) -> int:
     print(f"lors_kernels bench: {', '.join(families)} on {device}, {dtype}{' (quick)' if args.quick else ''}; "
           "versions and backends: python -m lors_kernels env")
     report = run(families, device, dtype, args.quick)
+    report["command"] = " ".join(["python -m lors_kernels", *sys.argv[1:]])
     print(format_table(report))
     out_dir = "lors_bench"
     json_path = args.json or os.path.join(out_dir, "bench.json")

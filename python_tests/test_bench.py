@@ -30,3 +30,25 @@ def test_bench_quick_writes_table_json_and_plot(tmp_path):
 def test_bench_bad_arguments_give_usage():
     out = run_cli("bench", "--op", "nope")
     assert out.returncode == 2 and "usage:" in out.stderr and "invalid choice" in out.stderr
+
+
+def test_readme_performance_section_is_generated_from_recorded_results(tmp_path):
+    """The README's numbers come from bench/results/*.json through the generator, never by hand."""
+    import os
+    import shutil
+
+    from lors_kernels import report
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    readme, results = os.path.join(root, "README.md"), os.path.join(root, "bench", "results")
+    assert report.main(["--check", "--readme", readme, "--results", results]) == 0
+    text = open(readme).read()
+    for name in os.listdir(results):
+        if name.endswith(".json"):
+            assert f"### {name}" in text
+    stale, copied = tmp_path / "README.md", str(tmp_path / "bench" / "results")
+    shutil.copytree(results, copied)
+    stale.write_text(text.replace("| fwd |", "| fwd? |", 1))
+    assert report.main(["--check", "--readme", str(stale), "--results", copied]) == 1
+    assert report.main(["--readme", str(stale), "--results", copied]) == 0
+    assert stale.read_text() == text
