@@ -36,6 +36,9 @@ def brute_topk(scores, low_hw, high_hw, k, per_query):
     s = scores.double() if per_query else scores.double().sum(1, keepdim=True)
     up = F.interpolate(s.reshape(-1, 1, lh, lw), size=(hh, hw), mode="bilinear", align_corners=False)
     up = up.reshape(*s.shape[:2], hh * hw)
+    # F.interpolate's (1 - w) a + w b can miss a == b by an ulp where both taps are one cell (borders):
+    # rounded to 40 bits, equal pixels tie and go by index as the selection promises
+    up = torch.round(up * 2.0 ** 40) / 2.0 ** 40
     out = torch.sort(up, dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
     return out if per_query else out[:, 0]
 
@@ -221,6 +224,14 @@ def test_attention_bad_inputs(case):
         lk.sparse_cross_attention(*make(q, k, v, index))
 
 
+def test_out_of_range_index_is_an_error_in_compiled_graphs_too():
+    q, k, v, index = attention_inputs(1, 2, 3, 20, 6, 8, False, torch.float32, "cpu")
+    compiled = torch.compile(lambda q, k, v, i: lk.sparse_cross_attention(q, k, v, i), fullgraph=True)
+    torch.testing.assert_close(compiled(q, k, v, index), reference.sparse_cross_attention(q, k, v, index))
+    with pytest.raises(IndexError, match="must be -1"):
+        compiled(q, k, v, index + 20)
+
+
 def dyadic_scores(b, n, n_low, seed):
     """Multiples of 1/8: bilinear weights for power-of-two ratios are dyadic too, so the upsampled values
     are exact in fp32 and float64 alike, and ties are frequent."""
@@ -243,6 +254,16 @@ def test_triton_topk_pixels_negative_scores_and_several_blocks(use_backend):
     scores = (torch.randint(-8, 8, (1, 2, 8 * 6), generator=g).float() / 4).to(KERNEL_DEVICE)
     got = lk.select_topk_pixels(scores, (8, 6), (64, 48), 40)  # 3072 pixels: three blocks
     assert torch.equal(got.cpu(), brute_topk(scores.cpu(), (8, 6), (64, 48), 40, False))
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_topk_pixels_border_plateau_ties_go_to_the_lower_index(backend_name, use_backend):
+    """Clamped border taps repeat one cell: those pixels are equal and the lower index wins (a
+    (1 - w) a + w a interpolation would order them by rounding instead)."""
+    use_backend(backend_name)
+    scores = torch.tensor([[[0.1, 0.2, 0.3, 0.7]]]).to(KERNEL_DEVICE)
+    got = lk.select_topk_pixels(scores, (2, 2), (16, 16), 5)
+    assert got.tolist() == [[204, 205, 206, 207, 220]]
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])
@@ -346,17 +367,17 @@ def test_compile_fullgraph_module_cpu(mode):
 
 def aot_cases():
     """The paper's shape (8 heads, C = 256: D = 32) at Cityscapes size (S = 64 windows x 64 px of a
-    256 x 512 map, N = 300; ADE's N = 100, S = 512 picks the same launches), then D = 64 with few
-    queries, D = 128 and D = 256; the fused top-k for small k, 1024 and the largest."""
+    256 x 512 map, N = 300) for B = 2 (short query tiles: few programs) and B = 16 (tall ones), then
+    D = 64 with few queries, D = 128 and D = 256; the fused top-k for small k, 1024 and the largest."""
     from lors_kernels.hrca import triton as kernels
 
     for dtype in (torch.float16, torch.bfloat16, torch.float32):
-        for n, length, s, d in ((300, 256 * 512, 4096, 32), (8, 64, 64, 64), (100, 64, 64, 128), (100, 64, 64, 256)):
-            q = torch.empty(2, 8, n, d, device="meta", dtype=dtype)
-            kv = torch.empty(2, 8, length, d, device="meta", dtype=dtype)
-            lse = torch.empty(2, 8, n, device="meta")
-            for index in (torch.empty(2, s, device="meta", dtype=torch.int64),
-                          torch.empty(2, n, s, device="meta", dtype=torch.int32)):
+        for b, n, length, s, d in ((2, 300, 256 * 512, 4096, 32), (16, 300, 256 * 512, 4096, 32), (2, 8, 64, 64, 64),
+                                   (2, 100, 64, 64, 128), (2, 100, 64, 64, 256)):
+            q = torch.empty(b, 8, n, d, device="meta", dtype=dtype)
+            kv = torch.empty(b, 8, length, d, device="meta", dtype=dtype)
+            for index in (torch.empty(b, s, device="meta", dtype=torch.int64),
+                          torch.empty(b, n, s, device="meta", dtype=torch.int32)):
                 out, lse = kernels.attention_forward(q, kv, kv, index, 0.2)
                 for deterministic in (False, True):
                     kernels.attention_backward(q, q, kv, kv, index, q, lse, 0.2, deterministic)

@@ -125,7 +125,7 @@ def check_inputs(q, k, v, index) -> None:
 def check_index_range(index: Tensor, length: int) -> None:
     """Out-of-range entries would read and write outside k/v: one min/max reduction (one device sync)."""
     if index.numel():
-        low, high = (int(t) for t in torch.aminmax(index))
+        low, high = torch.stack(torch.aminmax(index)).tolist()
         if low < -1 or high >= length:
             raise IndexError(f"sparse_cross_attention: index entries must be -1 (padding) or in [0, {length}) "
                              f"(L = {length} keys), got values in [{low}, {high}]")
@@ -166,6 +166,7 @@ def backward(dout, q, k, v, index, out, lse, scale):
 @torch.library.custom_op("lors::sparse_cross_attention", mutates_args=())
 def _attention_op(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     check_inputs(q, k, v, index)
+    check_index_range(index, k.shape[2])  # compiled graphs reach here without the eager wrapper's check
     out, lse = attend(q, k, v, index, scale)
     return out.contiguous(), lse
 

@@ -65,11 +65,12 @@ def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_que
     y0, y1, wy = _source_taps(hh, lh, s.device)
     x0, x1, wx = _source_taps(hw, lw, s.device)
     # Upsample along x once: [B, N', lh, W_high] (1/ws of the full map), then rows chunk by chunk.
-    sx = s[..., x0] * (1 - wx) + s[..., x1] * wx
+    sx = s[..., x0] + wx * (s[..., x1] - s[..., x0])  # a + w (b - a): exact where the taps are equal
     best_val = best_idx = None
     for start in range(0, hh, rows_per_chunk):
         ys = slice(start, min(start + rows_per_chunk, hh))
-        rows = sx[..., y0[ys], :] * (1 - wy[ys, None]) + sx[..., y1[ys], :] * wy[ys, None]
+        top = sx[..., y0[ys], :]
+        rows = top + wy[ys, None] * (sx[..., y1[ys], :] - top)
         rows = rows.flatten(-2)
         idx = torch.arange(ys.start * hw, ys.stop * hw, device=s.device).expand_as(rows)
         if best_val is not None:  # earlier chunks hold lower indices: they go first, so they win ties

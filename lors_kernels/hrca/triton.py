@@ -38,10 +38,12 @@ def _rows(ptr, index, valid, offs_d, stride_l, D):
 
 
 @triton.jit
-def _index_block(index_ptr, start, S, BLOCK_S: tl.constexpr):
+def _index_block(index_ptr, start, S, L, BLOCK_S: tl.constexpr):
+    """Slots start..start+BLOCK_S: (offsets, rows, valid). Rows outside [0, L) count as padding, so
+    no launch reads or writes outside k/v (the op reports them as errors before launching)."""
     offs_s = start + tl.arange(0, BLOCK_S)
     index = tl.load(index_ptr + offs_s, mask=offs_s < S, other=-1).to(tl.int64)
-    return offs_s, index, index >= 0
+    return offs_s, index, (index >= 0) & (index < L)
 
 
 @triton.jit
@@ -66,7 +68,7 @@ def _times(p, rows, PER_QUERY: tl.constexpr, DT: tl.constexpr, PRECISION: tl.con
 @triton.jit
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, out_ptr, lse_ptr,
-    H, N, S, D, scale_log2,
+    H, N, S, L, D, scale_log2,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, so_b, so_h, so_n,
     PER_QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
@@ -85,7 +87,7 @@ def attention_forward_kernel(
     l = tl.zeros([BLOCK_N], tl.float32)
     acc = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, S, BLOCK_S):
-        _, index, valid = _index_block(index_ptr, start, S, BLOCK_S)
+        _, index, valid = _index_block(index_ptr, start, S, L, BLOCK_S)
         k = _rows(k_ptr, index, valid, offs_d, sk_l, D)
         logits = _logits(q, k, valid, scale_log2, PER_QUERY, DT, PRECISION)
         m_new = tl.maximum(m, tl.max(logits, axis=1))
@@ -126,7 +128,7 @@ def _slot_grads_out(dk, dv, index, valid, offs_slot, offs_d, D, dk_ptr, dv_ptr, 
 @triton.jit
 def attention_query_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    H, N, S, D, n0, scale_log2, scale,
+    H, N, S, L, D, n0, scale_log2, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, sd_b, sd_h, sd_n, sdq_b, sdq_h, sdq_n,
     sg_b, sg_h, sg_n, sg_l,
     PER_QUERY: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -156,7 +158,7 @@ def attention_query_kernel(
 
     dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, S, BLOCK_S):
-        offs_s, index, valid = _index_block(index_ptr, start, S, BLOCK_S)
+        offs_s, index, valid = _index_block(index_ptr, start, S, L, BLOCK_S)
         k = _rows(k_ptr, index, valid, offs_d, sk_l, D)
         v = _rows(v_ptr, index, valid, offs_d, sv_l, D)
         p = tl.exp2(_logits(q, k, valid, scale_log2, PER_QUERY, DT, PRECISION) - lse_log2[:, None])
@@ -178,7 +180,7 @@ def attention_query_kernel(
 @triton.jit
 def attention_slot_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, N, S, D, scale_log2, scale,
+    H, N, S, L, D, scale_log2, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, sd_b, sd_h, sd_n, sg_b, sg_h, sg_l,
     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
@@ -187,7 +189,7 @@ def attention_slot_kernel(
     pid_s, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
     b, h = bh // H, bh % H
     offs_d = tl.arange(0, BLOCK_D)
-    offs_s, index, valid = _index_block(index_ptr + b * si_b, pid_s * BLOCK_S, S, BLOCK_S)
+    offs_s, index, valid = _index_block(index_ptr + b * si_b, pid_s * BLOCK_S, S, L, BLOCK_S)
     k = _rows(k_ptr + b * sk_b + h * sk_h, index, valid, offs_d, sk_l, D).to(DT)
     v = _rows(v_ptr + b * sv_b + h * sv_h, index, valid, offs_d, sv_l, D).to(DT)
     q_ptr += b * sq_b + h * sq_h
@@ -215,15 +217,19 @@ def attention_slot_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def _config(per_query: bool, n: int, d: int, dtype: torch.dtype):
+def _config(per_query: bool, n: int, d: int, dtype: torch.dtype, programs_per_query_tile: int):
     """(BLOCK_N, BLOCK_S, BLOCK_D, num_warps). Per-query programs hold a [BLOCK_S, BLOCK_D] tile per
-    operand and reduce it: keep it to 8K elements. Dot tiles halve for rows over 256 bytes (D = 128 in
-    fp32, 256 in 16-bit) to stay within sm_80's 163 KB of shared memory."""
+    operand and reduce it: keep it to 8K elements. Shared sets: query tiles as tall as still give about
+    two programs per SM of a large GPU (a taller tile reuses each loaded K/V block more, but a few
+    hundred queries over B * H heads make few programs); dot tiles halve for rows over 256 bytes
+    (D = 128 in fp32, 256 in 16-bit) to stay within sm_80's 163 KB of shared memory."""
     block_d = block(d)
     if per_query:
         return 1, max(16, min(128, 8192 // block_d)), block_d, 4
     tile = 64 if block_d * dtype.itemsize <= 256 else 32
-    block_n = 16 if n <= 16 else min(tile, 32 if n <= 32 else 64)
+    block_n = tile
+    while block_n > 16 and triton.cdiv(n, block_n) * programs_per_query_tile < 2 * 132:
+        block_n //= 2
     return block_n, tile, block_d, 4 if block_d <= 64 else 8
 
 
@@ -241,8 +247,8 @@ def attention_forward(q, k, v, index, scale):
     per_query = index.dim() == 3
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
-    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype)
-    args = [q, k, v, index, out, lse, h, n, index.shape[-1], d, scale * LOG2E,
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h)
+    args = [q, k, v, index, out, lse, h, n, index.shape[-1], k.shape[2], d, scale * LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_index_strides(index), *_strides(out)]
     constexprs = dict(PER_QUERY=per_query, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d,
                       DT=dot_dtype(q), PRECISION=precision())
@@ -275,9 +281,9 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
     # fp32 accumulators; fp32 inputs accumulate into the gradients themselves
     dk = torch.zeros((b, h, length, d), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype)
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h)
     constexprs = dict(BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d, DT=dot_dtype(q), PRECISION=precision())
-    common = [h, n, s, d]
+    common = [h, n, s, length, d]
     strides = [*_strides(q), *_strides(k), *_strides(v)]
     if per_query:
         chunk = n if not deterministic else max(1, min(n, SLOT_BUFFER_ELEMENTS // max(1, b * h * s * d)))
@@ -298,14 +304,15 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
         args = [q, k, v, index, dout, lse, delta, dq, dk, dv, *common, 0, scale * LOG2E, scale,
                 *strides, *_index_strides(index), *_strides(dout), *_strides(dq), 0, 0, 0, 0]
         triton_utils.launch(attention_query_kernel, (triton.cdiv(n, block_n), b * h), args,
-                            dict(PER_QUERY=False, ATOMIC=True, **constexprs), warps)
+                            dict(PER_QUERY=False, ATOMIC=True, **constexprs), warps, num_stages=2)
         target = (dk, dv) if not deterministic else (
             torch.empty((b, h, s, d), device=q.device, dtype=torch.float32),
             torch.empty((b, h, s, d), device=q.device, dtype=torch.float32))
         args = [q, k, v, index, dout, lse, delta, *target, *common, scale * LOG2E, scale,
                 *strides, index.stride(0), *_strides(dout), *_strides(target[0])]
+        # S / BLOCK_S * B * H programs fill the GPU already: query tiles as tall as the slot blocks
         triton_utils.launch(attention_slot_kernel, (triton.cdiv(s, block_s), b * h), args,
-                            dict(ATOMIC=not deterministic, **constexprs), warps)
+                            dict(constexprs, ATOMIC=not deterministic, BLOCK_N=block_s), warps)
         if deterministic:
             _scatter_rows(dk, target[0], index)
             _scatter_rows(dv, target[1], index)
@@ -325,10 +332,14 @@ def _source(pos, scale, in_size):
 
 @triton.jit
 def _merge_best(best, key, K_POW2: tl.constexpr, BLOCK: tl.constexpr):
-    """The K_POW2 largest of the running best keys and a block's keys."""
+    """The K_POW2 largest of the running best keys (sorted descending) and a block's keys, sorted
+    descending. The elementwise max of a descending and an ascending list holds the K_POW2 largest of
+    both and is bitonic: one bitonic merge sorts it, instead of a full sort of 2 * K_POW2 keys."""
     if BLOCK > K_POW2:
-        key = tl.topk(key, K_POW2)
-    return tl.topk(tl.reshape(tl.join(best, key), [2 * K_POW2]), K_POW2)
+        ascending = tl.flip(tl.topk(key, K_POW2), 0)
+    else:
+        ascending = tl.sort(key)
+    return tl.bitonic_merge(tl.maximum(best, ascending), descending=True)
 
 
 @triton.jit
@@ -355,7 +366,11 @@ def topk_pixels_kernel(
         s01 = tl.load(scores_ptr + y0 * LW + x1, mask=inside, other=0.0)
         s10 = tl.load(scores_ptr + y1 * LW + x0, mask=inside, other=0.0)
         s11 = tl.load(scores_ptr + y1 * LW + x1, mask=inside, other=0.0)
-        value = (1.0 - wy) * ((1.0 - wx) * s00 + wx * s01) + wy * ((1.0 - wx) * s10 + wx * s11)
+        # a + w (b - a): where both taps are equal (clamped borders, flat regions) the value is exactly
+        # theirs, so equal pixels tie and the lower index wins
+        top = s00 + wx * (s01 - s00)
+        bottom = s10 + wx * (s11 - s10)
+        value = top + wy * (bottom - top)
         bits = (value + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, which it equals
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed-int order
         key = tl.where(inside, (ordered.to(tl.int64) << 32) + (2147483647 - pix).to(tl.int64), lowest)
