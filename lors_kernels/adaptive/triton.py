@@ -293,22 +293,28 @@ def _shapes(x, m, s, channel_private, spatial_private):
     return bn, groups, p_in, c_in, c_out, p_out, r, km, ks
 
 
-def mixing_forward(x, m, s, channel_private, spatial_private, eps):
-    """x [BN, G, P_in, C_in] -> out [BN, G, P_out, C_out]."""
+def _launch(x, m, s, io, grads, channel_private, spatial_private, eps, backward):
+    """One mixing_kernel start over every (query, group): `io` is the output (forward) or the incoming
+    gradient (backward); `grads` the nine gradient pointers (dx, dM, dS, dE^M, dQ^M, dF^M, dE^S,
+    dQ^S, dF^S), which the forward never touches."""
     bn, groups, p_in, c_in, c_out, p_out, r, km, ks = _shapes(x, m, s, channel_private, spatial_private)
-    out = torch.empty((bn, groups, p_out, c_out), device=x.device, dtype=x.dtype)
-    if out.numel() == 0:
-        return out
     (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
     (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
     blocks, warps = _config(p_in, c_in, c_out, p_out, r)
-    # The gradient pointers (dx, dM, dS and the private ones) are never touched by the forward: x fills them.
-    args = (x, m, s, out, x, x, x, em, qm, fm, es, qs, fs, x, x, x, x, x, x,
+    args = (x, m, s, io, *grads[:3], em, qm, fm, es, qs, fs, *grads[3:],
             groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
-            *x.stride(), *m.stride(), *s.stride(), *out.stride(), *cm_strides, *sp_strides)
+            *x.stride(), *m.stride(), *s.stride(), *io.stride(), *cm_strides, *sp_strides)
     constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
-                      BACKWARD=False, **blocks)
+                      BACKWARD=backward, **blocks)
     triton_utils.launch(mixing_kernel, (bn * groups,), args, constexprs, warps)
+
+
+def mixing_forward(x, m, s, channel_private, spatial_private, eps):
+    """x [BN, G, P_in, C_in] -> out [BN, G, P_out, C_out]."""
+    bn, groups, _, _, c_out, p_out, *_ = _shapes(x, m, s, channel_private, spatial_private)
+    out = torch.empty((bn, groups, p_out, c_out), device=x.device, dtype=x.dtype)
+    if out.numel():
+        _launch(x, m, s, out, (x,) * 9, channel_private, spatial_private, eps, backward=False)
     return out
 
 
@@ -321,7 +327,7 @@ def backward_fits(dtype: torch.dtype, p_out: int, c_out: int) -> bool:
 
 def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
     """Returns dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None."""
-    bn, groups, p_in, c_in, c_out, p_out, r, km, ks = _shapes(x, m, s, channel_private, spatial_private)
+    bn, groups, _, _, c_out, p_out, *_ = _shapes(x, m, s, channel_private, spatial_private)
     if not backward_fits(x.dtype, p_out, c_out):
         from .reference import adaptive_mixing_backward
 
@@ -339,17 +345,8 @@ def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
 
     dcm, dsp = private_grads(channel_private), private_grads(spatial_private)
     if bn * groups > 0:
-        (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
-        (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
-        dem, dqm, dfm = dcm if dcm is not None else (x, x, x)
-        des, dqs, dfs = dsp if dsp is not None else (x, x, x)
-        blocks, warps = _config(p_in, c_in, c_out, p_out, r)
-        args = (x, m, s, dout, dx, dm, ds, em, qm, fm, es, qs, fs, dem, dqm, dfm, des, dqs, dfs,
-                groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
-                *x.stride(), *m.stride(), *s.stride(), *dout.stride(), *cm_strides, *sp_strides)
-        constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
-                          BACKWARD=True, **blocks)
-        triton_utils.launch(mixing_kernel, (bn * groups,), args, constexprs, warps)
+        grads = (dx, dm, ds, *(dcm or (x, x, x)), *(dsp or (x, x, x)))
+        _launch(x, m, s, dout, grads, channel_private, spatial_private, eps, backward=True)
     else:
         dx.zero_(), dm.zero_(), ds.zero_()
         for grads in (dcm, dsp):
