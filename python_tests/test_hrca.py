@@ -54,18 +54,12 @@ def test_select_topk_pixels_matches_upsample_and_sort(per_query, tied, chunk):
     assert torch.equal(got, brute_topk(scores, (3, 4), (12, 16), 20, per_query))
 
 
-def test_selection_errors():
-    scores = torch.rand(1, 2, 12)
-    with pytest.raises(ValueError, match="larger than the high-resolution map"):
-        reference.select_topk_pixels(scores, (3, 4), (6, 8), 49)
-    with pytest.raises(ValueError, match="integer multiple"):
-        reference.select_windows(scores, (3, 4), (7, 8), 2)
-
-
 def dense64(q, k, v, index, scale):
-    """Per (batch, head, query) loops in float64 over the listed positions, duplicates included."""
+    """Per (batch, head, query) loops in float64 over the listed positions, duplicates included:
+    (out, log-sum-exp with +inf for a row with nothing listed)."""
     b, h, n, d = q.shape
     out = torch.zeros(b, h, n, d, dtype=torch.float64)
+    lse = torch.full((b, h, n), float("inf"), dtype=torch.float64)
     for bi in range(b):
         for qi in range(n):
             ids = index[bi, qi] if index.dim() == 3 else index[bi]
@@ -76,13 +70,14 @@ def dense64(q, k, v, index, scale):
                 logits = torch.stack([q[bi, hi, qi].double() @ k[bi, hi, i].double() for i in ids]) * scale
                 w = torch.softmax(logits, 0)
                 out[bi, hi, qi] = sum(wj * v[bi, hi, i].double() for wj, i in zip(w, ids))
-    return out
+                lse[bi, hi, qi] = torch.logsumexp(logits, 0)
+    return out, lse
 
 
 @pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
 def test_sparse_attention_reference_padding_duplicates_empty_rows(per_query):
     g = torch.Generator().manual_seed(2)
-    q, k, v = (torch.randn(2, 3, 5, 8, generator=g) for _ in range(3))
+    q = torch.randn(2, 3, 5, 8, generator=g)
     k, v = torch.randn(2, 3, 11, 8, generator=g), torch.randn(2, 3, 11, 8, generator=g)
     shape = (2, 5, 7) if per_query else (2, 7)
     index = torch.randint(0, 11, shape, generator=g)
@@ -90,8 +85,14 @@ def test_sparse_attention_reference_padding_duplicates_empty_rows(per_query):
     index[..., 1] = index[..., 0]  # a duplicate counts twice
     if per_query:
         index[0, 3] = -1  # one query with nothing to attend to
+    out64, lse64 = dense64(q, k, v, index, 0.3)
     got = reference.sparse_cross_attention(q, k, v, index.int(), scale=0.3)
-    assert_close(got, dense64(q, k, v, index, 0.3).float(), torch.float32, "out")
+    assert_close(got, out64.float(), torch.float32, "out")
+    # the op's PyTorch path: output and log-sum-exp from one gather
+    got, lse = reference.attention_with_lse(q, k, v, index.int(), 0.3)
+    assert_close(got, out64.float(), torch.float32, "out with lse")
+    assert torch.equal(lse.isinf(), lse64.isinf())
+    assert_close(lse.masked_fill(lse.isinf(), 0), lse64.masked_fill(lse64.isinf(), 0).float(), torch.float32, "lse")
     if per_query:
         assert got[0, :, 3].abs().sum() == 0
 

@@ -149,7 +149,7 @@ def attend(q, k, v, index, scale):
         from . import triton as kernels
 
         return kernels.attention_forward(*_rows_contiguous(q, k, v), index.contiguous(), scale)
-    return reference.sparse_cross_attention(q, k, v, index, scale), reference.log_sum_exp(q, k, index, scale)
+    return reference.attention_with_lse(q, k, v, index, scale)
 
 
 def backward(dout, q, k, v, index, out, lse, scale):

@@ -57,8 +57,6 @@ def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_que
     """scores [B, N, n_low] -> int64 indices [B, k] (shared: summed over queries) or [B, N, k] (per query)
     of the k largest pixels of the bilinearly upsampled map. Peak memory O(rows_per_chunk * W + k)."""
     (lh, lw), (hh, hw) = low_hw, high_hw
-    if k > hh * hw:
-        raise ValueError(f"k = {k} is larger than the high-resolution map ({hh}x{hw} = {hh * hw} pixels)")
     s = scores.double()
     s = s.sum(1, keepdim=True) if not per_query else s
     s = s.reshape(*s.shape[:2], lh, lw)
@@ -134,12 +132,13 @@ def sparse_cross_attention(q, k, v, index, scale=None):
     return out.masked_fill(~mask.any(-1)[..., None], 0) if padded else out
 
 
-def log_sum_exp(q, k, index, scale):
-    """fp32 [B, H, N] log-sum-exp of each row's valid logits, +inf for a row with none (the kernels'
-    convention: exp(logit - lse) is then 0)."""
-    _, _, mask, logits = _gather(q, k, k, index, scale)
-    lse = torch.logsumexp(logits.masked_fill(~mask, float("-inf")), dim=-1)
-    return lse.float().masked_fill(~mask.any(-1), float("inf"))
+def attention_with_lse(q, k, v, index, scale):
+    """(out, lse) from one gather: what the op's PyTorch path returns. lse is fp32 [B, H, N], +inf for a
+    row with no valid key (the kernels' convention: exp(logit - lse) is then 0)."""
+    ks, vs, mask, logits = _gather(q, k, v, index, scale)
+    lse = torch.logsumexp(logits, dim=-1, keepdim=True)
+    out = _weighted((torch.exp(logits - lse) * mask).to(q.dtype), vs)
+    return out, lse[..., 0].float().masked_fill(~mask.any(-1), float("inf"))
 
 
 def _scatter(grad_s, index, length):

@@ -108,10 +108,10 @@ def attention_forward_kernel(
 
 
 @triton.jit
-def _slot_grads_out(dk, dv, index, valid, offs_slot, offs_d, D, dk_ptr, dv_ptr, s_l, slot_ptr_k, slot_ptr_v,
-                    ATOMIC: tl.constexpr):
+def _slot_grads_out(dk, dv, index, valid, offs_s, offs_d, D, dk_ptr, dv_ptr, s_l, ATOMIC: tl.constexpr):
     """Send one block of slot gradients [BLOCK_S, BLOCK_D] on: atomically added at their index into
-    dk/dv (fp32, row stride s_l), or stored per slot (row offsets offs_slot) for a deterministic sum."""
+    dk/dv (fp32, row stride s_l), or stored per slot (rows offs_s of a slot buffer) for a
+    deterministic sum by the caller."""
     if ATOMIC:
         mask = valid[:, None] & (offs_d[None, :] < D)
         at = index[:, None] * s_l + offs_d[None, :]
@@ -119,10 +119,10 @@ def _slot_grads_out(dk, dv, index, valid, offs_slot, offs_d, D, dk_ptr, dv_ptr, 
         tl.atomic_add(dk_ptr + at, dk, mask=mask, sem="relaxed")
         tl.atomic_add(dv_ptr + at, dv, mask=mask, sem="relaxed")
     else:
-        mask = (offs_slot[:, None] >= 0) & (offs_d[None, :] < D)
-        at = offs_slot[:, None] * s_l + offs_d[None, :]
-        tl.store(slot_ptr_k + at, tl.where(valid[:, None], dk, 0.0), mask=mask)
-        tl.store(slot_ptr_v + at, tl.where(valid[:, None], dv, 0.0), mask=mask)
+        mask = (offs_s[:, None] >= 0) & (offs_d[None, :] < D)
+        at = offs_s[:, None] * s_l + offs_d[None, :]
+        tl.store(dk_ptr + at, tl.where(valid[:, None], dk, 0.0), mask=mask)
+        tl.store(dv_ptr + at, tl.where(valid[:, None], dv, 0.0), mask=mask)
 
 
 @triton.jit
@@ -149,12 +149,8 @@ def attention_query_kernel(
     k_ptr += b * sk_b + h * sk_h
     v_ptr += b * sv_b + h * sv_h
     index_ptr += b * si_b + (n0 + pid_n) * si_n
-    if ATOMIC:
-        dk_ptr += b * sg_b + h * sg_h
-        dv_ptr += b * sg_b + h * sg_h
-    else:
-        dk_ptr += b * sg_b + h * sg_h + pid_n * sg_n
-        dv_ptr += b * sg_b + h * sg_h + pid_n * sg_n
+    dk_ptr += b * sg_b + h * sg_h + pid_n * sg_n  # sg_n = 0 when adding into dk/dv [B, H, L, D]
+    dv_ptr += b * sg_b + h * sg_h + pid_n * sg_n
 
     dq = tl.zeros([BLOCK_N, BLOCK_D], tl.float32)
     for start in range(0, S, BLOCK_S):
@@ -172,7 +168,7 @@ def attention_query_kernel(
             dv_rows = tl.trans(p) * dout.to(tl.float32)
             dk_rows = tl.trans(ds) * q.to(tl.float32) * scale
             _slot_grads_out(dk_rows, dv_rows, index, valid, tl.where(offs_s < S, offs_s, -1), offs_d, D,
-                            dk_ptr, dv_ptr, sg_l, dk_ptr, dv_ptr, ATOMIC)
+                            dk_ptr, dv_ptr, sg_l, ATOMIC)
     tl.store(dq_ptr + b * sdq_b + h * sdq_h + offs_n[:, None] * sdq_n + offs_d[None, :],
              (dq * scale).to(dq_ptr.dtype.element_ty), mask=q_mask)
 
@@ -211,7 +207,7 @@ def attention_slot_kernel(
         dk += tl.dot(tl.trans(ds.to(DT)), q, input_precision=PRECISION)
     base = b * sg_b + h * sg_h
     _slot_grads_out(dk * scale, dv, index, valid, tl.where(offs_s < S, offs_s, -1), offs_d, D,
-                    dk_ptr + base, dv_ptr + base, sg_l, dk_ptr + base, dv_ptr + base, ATOMIC)
+                    dk_ptr + base, dv_ptr + base, sg_l, ATOMIC)
 
 
 # ------------------------------------------------------------------------------------------- launchers
@@ -287,12 +283,13 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
     strides = [*_strides(q), *_strides(k), *_strides(v)]
     if per_query:
         chunk = n if not deterministic else max(1, min(n, SLOT_BUFFER_ELEMENTS // max(1, b * h * s * d)))
-        slots = None if not deterministic else torch.empty((b, h, chunk, s, d), device=q.device, dtype=torch.float32)
+        if deterministic:
+            target = [torch.empty((b, h, chunk, s, d), device=q.device, dtype=torch.float32) for _ in range(2)]
+            grad_strides = list(target[0].stride()[:4])
+        else:
+            target, grad_strides = (dk, dv), [dk.stride(0), dk.stride(1), 0, dk.stride(2)]
         for n0 in range(0, n, chunk):
             rows = min(chunk, n - n0)
-            target = (dk, dv) if not deterministic else (slots, torch.empty_like(slots))
-            grad_strides = ([dk.stride(0), dk.stride(1), 0, dk.stride(2)] if not deterministic
-                            else [slots.stride(0), slots.stride(1), slots.stride(2), slots.stride(3)])
             args = [q, k, v, index, dout, lse, delta, dq, *target, *common, n0, scale * LOG2E, scale,
                     *strides, *_index_strides(index), *_strides(dout), *_strides(dq), *grad_strides]
             triton_utils.launch(attention_query_kernel, (rows, b * h), args,
@@ -305,9 +302,8 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
                 *strides, *_index_strides(index), *_strides(dout), *_strides(dq), 0, 0, 0, 0]
         triton_utils.launch(attention_query_kernel, (triton.cdiv(n, block_n), b * h), args,
                             dict(PER_QUERY=False, ATOMIC=True, **constexprs), warps, num_stages=2)
-        target = (dk, dv) if not deterministic else (
-            torch.empty((b, h, s, d), device=q.device, dtype=torch.float32),
-            torch.empty((b, h, s, d), device=q.device, dtype=torch.float32))
+        target = (dk, dv) if not deterministic else [
+            torch.empty((b, h, s, d), device=q.device, dtype=torch.float32) for _ in range(2)]
         args = [q, k, v, index, dout, lse, delta, *target, *common, scale * LOG2E, scale,
                 *strides, index.stride(0), *_strides(dout), *_strides(target[0])]
         # S / BLOCK_S * B * H programs fill the GPU already: query tiles as tall as the slot blocks
