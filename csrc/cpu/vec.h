@@ -1,0 +1,115 @@
+// Shared pieces of the CPU kernels: fp32/bf16 loads and stores, eight-lane fp32 vectors, and the
+// multiversioning attribute. Header-only and forced inline, so that each kernel's instruction-set
+// clones inline them with their own ISA.
+#pragma once
+
+#include <cstdint>
+#include <cstring>
+
+// Function multiversioning: a kernel's hot entry points get an AVX2+FMA clone picked once at load
+// time (ifunc), so the library runs on any x86-64 without -march=native. Elsewhere: one generic build.
+#if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
+#define LORS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#elif defined(__x86_64__) && defined(__GLIBC__) && defined(__clang__) && __clang_major__ >= 14
+#define LORS_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#else
+#define LORS_MULTIVERSION
+#endif
+
+// Everything the clones call is forced inline: an out-of-line helper would get the baseline ISA only.
+#if defined(__GNUC__)
+#define LORS_INLINE inline __attribute__((always_inline))
+#else
+#define LORS_INLINE inline
+#endif
+
+namespace lors_kernels {
+namespace cpu {
+
+LORS_INLINE float widen(float v) { return v; }
+
+LORS_INLINE float widen(uint16_t v) {
+  const uint32_t bits = static_cast<uint32_t>(v) << 16;
+  float f;
+  std::memcpy(&f, &bits, sizeof f);
+  return f;
+}
+
+LORS_INLINE void store(float v, float* out) { *out = v; }
+
+// Round to nearest even; NaN stays a (quiet) NaN.
+LORS_INLINE void store(float v, uint16_t* out) {
+  uint32_t bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  if ((bits & 0x7fffffffu) > 0x7f800000u) {
+    *out = static_cast<uint16_t>((bits >> 16) | 0x0040u);
+    return;
+  }
+  bits += 0x7fffu + ((bits >> 16) & 1u);
+  *out = static_cast<uint16_t>(bits >> 16);
+}
+
+// Eight fp32 lanes: GCC/clang vector extensions (SSE2 pairs or AVX2 registers, by clone), else a struct
+// (LORS_NO_VECTOR_EXT forces the struct, so that the portable path can be compiled in a test).
+#if defined(__GNUC__) && !defined(LORS_NO_VECTOR_EXT)
+#define LORS_VECTOR_EXT 1
+#else
+#define LORS_VECTOR_EXT 0
+#endif
+
+#if LORS_VECTOR_EXT
+// Only passed between always-inlined functions: the note about the ABI of 32-byte vectors is moot.
+#pragma GCC diagnostic ignored "-Wpsabi"
+typedef float f32x8 __attribute__((vector_size(32)));
+
+LORS_INLINE f32x8 load8(const float* p) {
+  f32x8 v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+LORS_INLINE f32x8 load8(const uint16_t* p) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  u16x8 half;
+  std::memcpy(&half, p, sizeof half);
+  const u32x8 bits = __builtin_convertvector(half, u32x8) << 16;
+  f32x8 v;
+  std::memcpy(&v, &bits, sizeof v);
+  return v;
+}
+#else
+struct f32x8 {
+  float v[8];
+  float operator[](int i) const { return v[i]; }
+  f32x8& operator+=(const f32x8& o) {
+    for (int i = 0; i < 8; ++i) v[i] += o.v[i];
+    return *this;
+  }
+  friend f32x8 operator*(f32x8 a, const f32x8& b) {
+    for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
+    return a;
+  }
+};
+
+template <class T>
+LORS_INLINE f32x8 load8(const T* p) {
+  f32x8 v;
+  for (int i = 0; i < 8; ++i) v.v[i] = widen(p[i]);
+  return v;
+}
+#endif
+
+// The last n < 8 elements, zero-padded: 0 * 0 adds nothing.
+template <class T>
+LORS_INLINE f32x8 load8_tail(const T* p, int64_t n) {
+  T buf[8] = {};
+  std::memcpy(buf, p, static_cast<size_t>(n) * sizeof(T));
+  return load8(buf);
+}
+
+// The lanes of one accumulator are summed in this tree: ((0+4) + (2+6)) + ((1+5) + (3+7)).
+LORS_INLINE float hsum(const f32x8& v) { return ((v[0] + v[4]) + (v[2] + v[6])) + ((v[1] + v[5]) + (v[3] + v[7])); }
+
+}  // namespace cpu
+}  // namespace lors_kernels
