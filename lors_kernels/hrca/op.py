@@ -32,13 +32,22 @@ def _check_scores(name, scores, low_hw, high_hw, k, limit, what):
         raise ValueError(f"{name}: k = {k} must be between 1 and the number of {what} ({limit})")
 
 
+def _native_fits(x: Tensor, name: str) -> bool:
+    """The extension has the CPU function `name` for tensors like x (its kernels take CPU tensors, and
+    were measured at least as fast as the PyTorch path wherever they fit)."""
+    return x.is_cpu and hasattr(backend.native(), name)
+
+
 def _maps(low_hw, high_hw):
     return (int(low_hw[0]), int(low_hw[1])), (int(high_hw[0]), int(high_hw[1]))
 
 
 @torch.library.custom_op("lors::select_windows", mutates_args=())
 def _select_windows_op(scores: Tensor, lh: int, lw: int, hh: int, hw: int, k: int) -> Tensor:
-    # A top-k over n_low cells and an index expansion: PyTorch's own kernels, on every device.
+    # A top-k over n_low cells and an index expansion: the native CPU kernel, else PyTorch's own kernels
+    # (there is no Triton kernel: on CUDA, or with Triton forced, PyTorch runs it).
+    if backend.choose(scores, native_fits=_native_fits(scores, "select_windows_cpu")) == "native":
+        return backend.native().select_windows_cpu(scores, lh, lw, hh, hw, k)
     return reference.select_windows(scores, (lh, lw), (hh, hw), k)
 
 
@@ -60,7 +69,11 @@ def select_windows(scores: Tensor, low_hw, high_hw, k: int) -> Tensor:
 
 def _topk_pixels(scores, low_hw, high_hw, k, per_query):
     b, n, n_low = scores.shape
-    if backend.choose(scores, native_fits=False, triton_fits=k <= MAX_FUSED_TOPK) == "triton":
+    which = backend.choose(scores, native_fits=_native_fits(scores, "select_topk_pixels_cpu"),
+                           triton_fits=k <= MAX_FUSED_TOPK)
+    if which == "native":
+        return backend.native().select_topk_pixels_cpu(scores, *low_hw, *high_hw, k, per_query)
+    if which == "triton":
         from . import triton as kernels
 
         maps = scores.float().reshape(b * n, n_low) if per_query else scores.float().sum(1)
@@ -131,11 +144,18 @@ def check_index_range(index: Tensor, length: int) -> None:
                              f"(L = {length} keys), got values in [{low}, {high}]")
 
 
-def _use_triton(q, index) -> bool:
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)
+
+
+def _route(q, index) -> str:
+    """Which backend computes the attention. The native CPU kernel has a forward only: its backward is
+    the reference's (which recomputes what it needs from q, k, v and index)."""
     fits = q.dtype in KERNEL_DTYPES and q.shape[-1] <= MAX_HEAD_DIM
-    if backend.choose(q, native_fits=False, triton_fits=fits) != "triton":
-        return False
-    return q.numel() > 0 and index.shape[-1] > 0  # nothing to launch: the reference handles the empty cases
+    which = backend.choose(q, native_fits=q.dtype in NATIVE_DTYPES and _native_fits(q, "sparse_attention_forward_cpu"),
+                           triton_fits=fits)
+    if which == "triton" and not (q.numel() > 0 and index.shape[-1] > 0):
+        return "reference"  # nothing to launch: the reference handles the empty cases
+    return which
 
 
 def _rows_contiguous(*tensors):
@@ -145,17 +165,20 @@ def _rows_contiguous(*tensors):
 
 def attend(q, k, v, index, scale):
     """(out, lse): the attention and each row's fp32 log-sum-exp (+inf for a row with no valid key)."""
-    if _use_triton(q, index):
+    which = _route(q, index)
+    if which == "triton":
         from . import triton as kernels
 
         return kernels.attention_forward(*_rows_contiguous(q, k, v), index.contiguous(), scale)
+    if which == "native":
+        return backend.native().sparse_attention_forward_cpu(q, k, v, index, scale)
     return reference.attention_with_lse(q, k, v, index, scale)
 
 
 def backward(dout, q, k, v, index, out, lse, scale):
     """(dq, dk, dv). On CUDA, dk/dv sum by fp32 atomics, or deterministically when
     torch.use_deterministic_algorithms(True) is on."""
-    if _use_triton(q, index):
+    if _route(q, index) == "triton":
         from . import triton as kernels
 
         return kernels.attention_backward(dout, *_rows_contiguous(q, k, v), index.contiguous(), out, lse, scale,
@@ -208,14 +231,14 @@ _AttentionFunction = custom_op.eager_twin(attend, _setup_context, _gradients(bac
 
 
 def _forward(q, k, v, index, scale):
-    if _use_triton(q, index):
+    if _route(q, index) != "reference":
         return attend(q, k, v, index, scale)[0]
     return reference.sparse_cross_attention(q, k, v, index, scale)  # no log-sum-exp to compute
 
 
 def _recorded(q, k, v, index, scale):
     """With autograd recording: the kernels' Function, or on the reference its own autograd."""
-    if _use_triton(q, index):
+    if _route(q, index) != "reference":
         return _AttentionFunction.apply(q, k, v, index, scale)[0]
     return reference.sparse_cross_attention(q, k, v, index, scale)
 
