@@ -195,6 +195,14 @@ def hrca_grid(device: str, quick: bool):
     return [("ade", sel, 1, 100) for sel in ("window", "bilinear", "bilinear-per-query")]
 
 
+def torch_topk_pixels(scores, low_hw, high_hw, k, per_query):
+    """Bilinear top-k as one writes it in PyTorch: upsample the whole map, top-k -> [B, 1 or N, k]."""
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    maps = scores.sum(1, keepdim=True) if not per_query else scores
+    up = F.interpolate(maps.reshape(-1, 1, lh, lw).float(), size=(hh, hw), mode="bilinear", align_corners=False)
+    return up.reshape(scores.shape[0], -1, hh * hw).topk(k, dim=-1).indices
+
+
 def hrca_providers(scores, q, k, v, low_hw, high_hw, windows, selection):
     """Ours (fused selection, attention reading K/V rows by index) against what one writes in PyTorch:
     top-k (of the upsampled scores for bilinear), gather K/V rows, SDPA; and SDPA over the whole map."""
@@ -220,9 +228,7 @@ def hrca_providers(scores, q, k, v, low_hw, high_hw, windows, selection):
             cols = (cells % lw * ws)[:, :, None, None] + offsets
             index = (rows * hw + cols).flatten(1)
         else:
-            maps = scores.sum(1, keepdim=True) if not per_query else scores
-            up = F.interpolate(maps.reshape(-1, 1, lh, lw).float(), size=(hh, hw), mode="bilinear", align_corners=False)
-            index = up.reshape(b, -1, hh * hw).topk(windows * ws * ws, dim=-1).indices  # [B, 1 or N, S]
+            index = torch_topk_pixels(scores, low_hw, high_hw, windows * ws * ws, per_query)  # [B, 1 or N, S]
         if not per_query:
             rows = index.reshape(b, 1, -1, 1).expand(b, h, -1, d)
             return F.scaled_dot_product_attention(q, k.gather(2, rows), v.gather(2, rows))
@@ -235,6 +241,12 @@ def hrca_providers(scores, q, k, v, low_hw, high_hw, windows, selection):
             "dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
 
 
+def hrca_scores(device, dtype, size, b, n):
+    low_hw = HRCA_SIZES[size][0]
+    g = torch.Generator().manual_seed(0)
+    return torch.rand(b, n, low_hw[0] * low_hw[1], generator=g).softmax(-1).to(device=device, dtype=dtype)
+
+
 def hrca_case(device: str, dtype: torch.dtype, size: str, selection: str, b: int, n: int, mode: str) -> Case:
     low_hw, high_hw, windows = HRCA_SIZES[size]
     g = torch.Generator().manual_seed(0)
@@ -244,7 +256,7 @@ def hrca_case(device: str, dtype: torch.dtype, size: str, selection: str, b: int
     def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
-    scores = torch.rand(b, n, low_hw[0] * low_hw[1], generator=g).softmax(-1).to(device=device, dtype=dtype)
+    scores = hrca_scores(device, dtype, size, b, n)
     q, k, v = rand(b, HRCA_HEADS, n, d), rand(b, HRCA_HEADS, length, d), rand(b, HRCA_HEADS, length, d)
     pixels = windows * (high_hw[0] // low_hw[0]) ** 2
     shape = {"size": size, "select": selection, "B": b, "N": n, "S": pixels}
@@ -263,7 +275,38 @@ def hrca_cases(device: str, dtype: torch.dtype, quick: bool = False):
     return [hrca_case(device, dtype, *shape, mode) for shape in hrca_grid(device, quick) for mode in MODES]
 
 
-FAMILIES = {"lors_linear": lors_linear_cases, "adaptive_mixing": adaptive_mixing_cases, "hrca": hrca_cases}
+def hrca_selection_grid(device: str, quick: bool):
+    """(size, selection, B, N): bilinear top-k alone, at the sizes where it is expensive."""
+    b, ns = (2, (100, 300)) if device == "cuda" else (1, (100,) if quick else (100, 300))
+    sizes = ("cityscapes",) if quick else ("ade", "cityscapes")
+    return [(size, sel, b, n) for size in sizes for sel in ("bilinear", "bilinear-per-query") for n in ns]
+
+
+def hrca_selection_case(device: str, dtype: torch.dtype, size: str, selection: str, b: int, n: int) -> Case:
+    low_hw, high_hw, windows = HRCA_SIZES[size]
+    scores = hrca_scores(device, dtype, size, b, n)
+    k = windows * (high_hw[0] // low_hw[0]) ** 2
+    per_query = selection.endswith("per-query")
+    import lors_kernels as lk
+
+    def ours():
+        return lk.select_topk_pixels(scores, low_hw, high_hw, k, per_query=per_query)
+
+    def interpolate_topk():  # sorted ascending as ours is: the same result
+        return torch_topk_pixels(scores, low_hw, high_hw, k, per_query).sort(-1).values
+
+    shape = {"size": size, "select": selection, "B": b, "N": n, "k": k}
+    # Issue 6's CPU target: the native selection >= 2x faster than interpolate + top-k at Cityscapes size.
+    targets = {"interpolate+topk": 0.5} if device == "cpu" and size == "cityscapes" else {}
+    return Case("hrca_selection", "fwd", shape, {OURS: ours, "interpolate+topk": interpolate_topk}, targets)
+
+
+def hrca_selection_cases(device: str, dtype: torch.dtype, quick: bool = False):
+    return [hrca_selection_case(device, dtype, *shape) for shape in hrca_selection_grid(device, quick)]
+
+
+FAMILIES = {"lors_linear": lors_linear_cases, "adaptive_mixing": adaptive_mixing_cases, "hrca": hrca_cases,
+            "hrca_selection": hrca_selection_cases}
 
 
 # ------------------------------------------------------------------------------------------------ timing
