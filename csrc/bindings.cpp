@@ -130,8 +130,9 @@ at::Tensor select_topk_pixels_cuda(const at::Tensor& scores, int64_t lh, int64_t
                     lors_kernels::cuda::kTopkMaxLowCells);
   TORCH_CHECK_VALUE(scores.size(2) == lh * lw, op, ": scores ", shape_of(scores), " must have n_low = ", lh, "*", lw,
                     " columns");
-  TORCH_CHECK_VALUE(hh <= INT_MAX && hw <= INT_MAX && hh * hw <= INT_MAX, op, ": the high-resolution map has ", hh,
-                    "x", hw, " pixels; at most 2^31 - 1 are supported");
+  const int64_t max_pixels = lors_kernels::cuda::kTopkMaxPixels;
+  TORCH_CHECK_VALUE(hh <= max_pixels && hw <= max_pixels && hh * hw <= max_pixels, op,
+                    ": the high-resolution map has ", hh, "x", hw, " pixels; the kernel takes at most ", max_pixels);
   TORCH_CHECK_VALUE(1 <= k && k <= hh * hw, op, ": k = ", k, " must be between 1 and the number of pixels ", hh * hw);
   const int64_t b = scores.size(0), n = scores.size(1);
   c10::cuda::CUDAGuard guard(scores.device());

@@ -156,9 +156,9 @@ cudaError_t select_topk_pixels(const void* scores, Dtype dtype, int64_t images, 
                                int64_t low_w, int64_t high_h, int64_t high_w, int64_t k, bool per_query,
                                int64_t* out, cudaStream_t stream) {
   const bool sizes_ok = low_h > 0 && low_w > 0 && low_h <= kTopkMaxLowCells && low_w <= kTopkMaxLowCells &&
-                        low_h * low_w <= kTopkMaxLowCells && high_h > 0 && high_w > 0 && high_h <= INT_MAX &&
-                        high_w <= INT_MAX && high_h * high_w <= INT_MAX && k >= 1 && k <= high_h * high_w &&
-                        images >= 0 && queries >= 0;
+                        low_h * low_w <= kTopkMaxLowCells && high_h > 0 && high_w > 0 && high_h <= kTopkMaxPixels &&
+                        high_w <= kTopkMaxPixels && high_h * high_w <= kTopkMaxPixels && k >= 1 &&
+                        k <= high_h * high_w && images >= 0 && queries >= 0;
   if (!sizes_ok) return cudaErrorInvalidValue;
   const int64_t rows = per_query ? images * queries : images;
   if (rows == 0) return cudaSuccess;

@@ -29,9 +29,12 @@ namespace cuda {
 
 // The low-resolution map of a row lives in shared memory: at most this many cells (32 KiB of fp32).
 constexpr int64_t kTopkMaxLowCells = 8192;
+// Pixels are int32, and a block's loops step past the last one by up to a block: room is kept.
+constexpr int64_t kTopkMaxPixels = int64_t{1} << 30;
 
 // Returns cudaErrorInvalidValue (launching nothing) unless: sizes positive, low_h * low_w <=
-// kTopkMaxLowCells, high_h * high_w < 2^31, 1 <= k <= high_h * high_w, images and queries >= 0.
+// kTopkMaxLowCells, high_h * high_w <= kTopkMaxPixels, 1 <= k <= high_h * high_w, images and
+// queries >= 0.
 // A launch error is returned as cudaGetLastError() reports it; the kernel runs on `stream`.
 cudaError_t select_topk_pixels(const void* scores, Dtype dtype, int64_t images, int64_t queries, int64_t low_h,
                                int64_t low_w, int64_t high_h, int64_t high_w, int64_t k, bool per_query,

@@ -16,7 +16,7 @@ MAX_HEAD_DIM = 256  # the kernels hold a [BLOCK, D] tile of each operand; wider 
 MAX_FUSED_TOPK = 4096
 # The CUDA top-k kernel's limits (csrc/cuda/hrca.h): low-resolution cells in shared memory, int32 pixels.
 NATIVE_MAX_LOW_CELLS = 8192
-NATIVE_MAX_PIXELS = 2**31 - 1
+NATIVE_MAX_PIXELS = 2**30
 
 
 # ------------------------------------------------------------------------------------------- selection
