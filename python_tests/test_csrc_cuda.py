@@ -45,6 +45,32 @@ def test_cu_compiles_without_warnings(source, arch, tmp_path):
     assert "warning" not in result.stderr.lower(), result.stderr
 
 
+def cuda_include_dir():
+    """The toolkit's include directory, as nvcc itself passes it (nvcc may be a wrapper script)."""
+    dryrun = subprocess.run([NVCC, "--dryrun", "-c", "probe.cu"], capture_output=True, text=True)
+    found = re.search(r'INCLUDES="[^"]*?-I([^"\s]+)', dryrun.stdout + dryrun.stderr)
+    return found.group(1) if found else None
+
+
+@pytest.mark.skipif(NVCC is None or CXX is None, reason="needs nvcc (for the CUDA headers) and a C++ compiler")
+def test_bindings_compile_with_the_cuda_path():
+    """bindings.cpp with LORS_WITH_CUDA, checked by the host compiler against this torch's headers: the
+    CUDA functions' checks and launcher calls type-check even where torch has no CUDA. (The CPU wheel
+    lacks one generated c10/cuda header; C10_CUDA_NO_CMAKE_CONFIGURE_FILE is torch's switch to skip it.)"""
+    include = cuda_include_dir()
+    if include is None:
+        pytest.skip("could not find the CUDA include directory in nvcc --dryrun")
+    import sysconfig
+
+    system = [include, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
+    cmd = [CXX, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror", "-DLORS_WITH_CUDA",
+           "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
+           *[flag for path in system for flag in ("-isystem", path)], f"-I{ROOT / 'csrc'}",
+           str(ROOT / "csrc" / "bindings.cpp")]
+    result = subprocess.run(cmd, capture_output=True, text=True)
+    assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-6000:]}"
+
+
 def test_cuda_sources_include_no_torch():
     """The kernels stay plain CUDA (DESIGN.md §4): only bindings.cpp sees torch."""
     files = sorted(p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
