@@ -1,7 +1,7 @@
 """csrc/cuda, the native CUDA kernels, on any machine and on GPUs.
 
-Without a GPU: every .cu compiles warning-free for sm_80 and sm_90 (nvcc -c, torch's nvcc flags) and no
-csrc/cuda file includes torch; the top-k selection's arithmetic (csrc/cuda/topk_select.h) runs on the
+Without a GPU: every .cu compiles warning-free for sm_80 and sm_90 (nvcc -c, torch's nvcc flags), no
+csrc/cuda file includes torch, and bindings.cpp's CUDA path type-checks with the host compiler; the top-k selection's arithmetic (csrc/cuda/topk_select.h) runs on the
 host through the kernel's passes against the reference; dispatch routes CUDA tensors to the native
 kernels when the backend is forced to native, and only then (a fake extension and fake CUDA tensors).
 With a GPU and an extension built with CUDA: the kernels against the references.

@@ -24,7 +24,8 @@ namespace topk {
 
 // One axis of F.interpolate(bilinear, align_corners=False): output position pos reads inputs i0 and
 // i1 with weight w on i1. scale = in_size / out_size rounded to fp32. (pos + 0.5) * scale - 0.5 is one
-// fused multiply-add, as the Triton kernel's compiled code computes it (fp fusion is on by default).
+// fused multiply-add, as in the Triton kernel's compiled code (its PTX has fma.rn.f32 here and in the
+// interpolation below: Triton fuses by default).
 struct Tap {
   int i0;
   int i1;
