@@ -10,6 +10,19 @@
 #include "cpu/hrca.h"
 #include "cpu/lors_linear.h"
 
+#ifdef LORS_WITH_CUDA
+// c10's CUDA headers, not ATen/cuda/CUDAContext.h: that one pulls in cuBLAS and cuSPARSE headers, which
+// a bare CUDA toolkit (enough for these kernels) may lack.
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+
+#include <climits>
+
+#include "cuda/hrca.h"
+#include "cuda/lors_linear.h"
+#endif
+
 namespace {
 
 std::string shape_of(const at::Tensor& t) {
@@ -177,6 +190,116 @@ std::tuple<at::Tensor, at::Tensor> sparse_attention_forward_cpu(const at::Tensor
   return {out, lse};
 }
 
+#ifdef LORS_WITH_CUDA
+
+lors_kernels::cuda::Dtype cuda_dtype(const at::Tensor& t, const char* op, const char* name) {
+  switch (t.scalar_type()) {
+    case at::kFloat: return lors_kernels::cuda::Dtype::kFloat32;
+    case at::kHalf: return lors_kernels::cuda::Dtype::kFloat16;
+    case at::kBFloat16: return lors_kernels::cuda::Dtype::kBFloat16;
+    default:
+      TORCH_CHECK_TYPE(false, op, ": ", name, " has dtype ", t.scalar_type(), "; expected Float, Half or BFloat16");
+  }
+}
+
+void check_cuda(const at::Tensor& t, const at::Tensor& first, const char* op, const char* name) {
+  TORCH_CHECK_VALUE(t.is_cuda(), op, ": ", name, " must be a CUDA tensor, got ", t.device());
+  TORCH_CHECK_VALUE(t.device() == first.device(), op, ": ", name, " is on ", t.device(), " but the first input on ",
+                    first.device(), "; all tensors must be on one device");
+}
+
+void check_launch(cudaError_t err, const char* op) {
+  TORCH_CHECK(err == cudaSuccess, op, ": CUDA launch failed: ", cudaGetErrorString(err));
+}
+
+// scores [B, N, lh * lw] -> int64 [B, k] (shared: summed over queries) or [B, N, k] (per query): the k
+// best pixels of the bilinearly upsampled maps, ties to the lower index, ascending.
+at::Tensor select_topk_pixels_cuda(const at::Tensor& scores, int64_t lh, int64_t lw, int64_t hh, int64_t hw,
+                                   int64_t k, bool per_query) {
+  const char* op = "select_topk_pixels_cuda";
+  check_cuda(scores, scores, op, "scores");
+  const auto dtype = cuda_dtype(scores, op, "scores");
+  TORCH_CHECK_VALUE(scores.dim() == 3, op, ": scores must be 3-D [B, N, n_low], got ", shape_of(scores));
+  TORCH_CHECK_VALUE(lh > 0 && lw > 0 && hh > 0 && hw > 0, op, ": map sizes must be positive, got low ", lh, "x", lw,
+                    ", high ", hh, "x", hw);
+  TORCH_CHECK_VALUE(lh <= lors_kernels::cuda::kTopkMaxLowCells && lw <= lors_kernels::cuda::kTopkMaxLowCells &&
+                        lh * lw <= lors_kernels::cuda::kTopkMaxLowCells,
+                    op, ": the low-resolution map has ", lh, "x", lw, " cells; the kernel holds at most ",
+                    lors_kernels::cuda::kTopkMaxLowCells);
+  TORCH_CHECK_VALUE(scores.size(2) == lh * lw, op, ": scores ", shape_of(scores), " must have n_low = ", lh, "*", lw,
+                    " columns");
+  const int64_t max_pixels = lors_kernels::cuda::kTopkMaxPixels;
+  TORCH_CHECK_VALUE(hh <= max_pixels && hw <= max_pixels && hh * hw <= max_pixels, op,
+                    ": the high-resolution map has ", hh, "x", hw, " pixels; the kernel takes at most ", max_pixels);
+  TORCH_CHECK_VALUE(1 <= k && k <= hh * hw, op, ": k = ", k, " must be between 1 and the number of pixels ", hh * hw);
+  const int64_t b = scores.size(0), n = scores.size(1);
+  c10::cuda::CUDAGuard guard(scores.device());
+  const at::Tensor sc = scores.contiguous();
+  at::Tensor out = at::empty(per_query ? std::vector<int64_t>{b, n, k} : std::vector<int64_t>{b, k},
+                             scores.options().dtype(at::kLong));
+  if (out.numel() == 0) return out;
+  check_launch(lors_kernels::cuda::select_topk_pixels(sc.data_ptr(), dtype, b, n, lh, lw, hh, hw, k, per_query,
+                                                      out.data_ptr<int64_t>(), c10::cuda::getCurrentCUDAStream()),
+               op);
+  return out;
+}
+
+// y [M, N] = x2 @ weight^T + scaling * (x2 @ down^T) @ up^T + bias for decode batches (M <= 16).
+at::Tensor lors_linear_forward_cuda(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& down,
+                                    const at::Tensor& up, const std::optional<at::Tensor>& bias, double scaling) {
+  const char* op = "lors_linear_forward_cuda";
+  std::vector<std::pair<const char*, const at::Tensor*>> named{
+      {"x2", &x2}, {"weight", &weight}, {"down", &down}, {"up", &up}};
+  if (bias.has_value()) named.emplace_back("bias", &*bias);
+  const auto dtype = cuda_dtype(x2, op, "x2");
+  for (const auto& [name, t] : named) {
+    check_cuda(*t, x2, op, name);
+    TORCH_CHECK_TYPE(t->scalar_type() == x2.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                     " but x2 has ", x2.scalar_type(), "; all tensors must share one dtype");
+  }
+  TORCH_CHECK_VALUE(x2.dim() == 2, op, ": x2 must be 2-D [M, K], got ", shape_of(x2));
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got ", shape_of(weight));
+  TORCH_CHECK_VALUE(down.dim() == 2, op, ": down must be 2-D [R, K], got ", shape_of(down));
+  TORCH_CHECK_VALUE(up.dim() == 2, op, ": up must be 2-D [N, R], got ", shape_of(up));
+  const int64_t m = x2.size(0), k = x2.size(1), n = weight.size(0), r = down.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == k, op, ": weight ", shape_of(weight), " must be [N, K] with K = ", k,
+                    " for x2 ", shape_of(x2));
+  TORCH_CHECK_VALUE(down.size(1) == k, op, ": down ", shape_of(down), " must be [R, K] with K = ", k, " for x2 ",
+                    shape_of(x2));
+  TORCH_CHECK_VALUE(up.size(0) == n && up.size(1) == r, op, ": up ", shape_of(up), " must be [N, R] = [", n, ", ", r,
+                    "] for weight ", shape_of(weight), " and down ", shape_of(down));
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias ", shape_of(*bias), " must be [N] = [", n,
+                      "] for weight ", shape_of(weight));
+  }
+  TORCH_CHECK_VALUE(m <= lors_kernels::cuda::kDecodeMaxRows, op, ": x2 has M = ", m,
+                    " rows; the decode kernel takes at most ", lors_kernels::cuda::kDecodeMaxRows);
+  TORCH_CHECK_VALUE(r <= lors_kernels::cuda::kDecodeMaxRank, op, ": rank R = ", r,
+                    " is above the decode kernel's ", lors_kernels::cuda::kDecodeMaxRank);
+  TORCH_CHECK_VALUE(n <= INT_MAX && k <= INT_MAX, op, ": N = ", n, " and K = ", k, " must be below 2^31");
+
+  c10::cuda::CUDAGuard guard(x2.device());
+  at::Tensor y = at::empty({m, n}, x2.options().memory_format(at::MemoryFormat::Contiguous));
+  if (m == 0 || n == 0) return y;
+  const at::Tensor xc = x2.contiguous(), wc = weight.contiguous(), dc = down.contiguous(), uc = up.contiguous();
+  const at::Tensor bc = bias.has_value() ? bias->contiguous() : at::Tensor();
+  int num_sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&num_sms, cudaDevAttrMultiProcessorCount, x2.get_device()));
+  const auto space = lors_kernels::cuda::lors_linear_decode_workspace(m, n, k, r, dtype, num_sms);
+  // A fresh workspace per call (the caching allocator makes that cheap); only its tickets need zeros.
+  at::Tensor workspace = at::empty({static_cast<int64_t>(space.bytes)}, x2.options().dtype(at::kByte));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(cudaMemsetAsync(workspace.data_ptr(), 0, space.ticket_bytes, stream), op);
+  check_launch(lors_kernels::cuda::lors_linear_decode(xc.data_ptr(), wc.data_ptr(), dc.data_ptr(), uc.data_ptr(),
+                                                      bc.defined() ? bc.data_ptr() : nullptr,
+                                                      static_cast<float>(scaling), y.data_ptr(), m, n, k, r, dtype,
+                                                      num_sms, workspace.data_ptr(), stream),
+               op);
+  return y;
+}
+
+#endif  // LORS_WITH_CUDA
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
@@ -199,4 +322,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         pybind11::arg("v"), pybind11::arg("index"), pybind11::arg("scale"),
         "HRCA attention forward: q [B, H, N, D] over the rows of k/v [B, H, L, D] listed by index [B, S] or "
         "[B, N, S] (-1 = padding) -> (out [B, H, N, D], lse [B, H, N] fp32, +inf for rows with no valid slot).");
+#ifdef LORS_WITH_CUDA
+  m.def("select_topk_pixels_cuda", &select_topk_pixels_cuda, pybind11::arg("scores"), pybind11::arg("lh"),
+        pybind11::arg("lw"), pybind11::arg("hh"), pybind11::arg("hw"), pybind11::arg("k"), pybind11::arg("per_query"),
+        "Top-k pixels of bilinearly upsampled low-resolution scores on CUDA: scores [B, N, lh * lw] float32, "
+        "float16 or bfloat16 -> int64 [B, k] (summed over queries) or [B, N, k] (per_query), ascending, ties to "
+        "the lower index. One radix select per map, the upsampled values computed on the fly.");
+  m.def("lors_linear_forward_cuda", &lors_linear_forward_cuda, pybind11::arg("x2"), pybind11::arg("weight"),
+        pybind11::arg("down"), pybind11::arg("up"), pybind11::arg("bias"), pybind11::arg("scaling"),
+        "Static LORS linear forward on CUDA for decode (M <= 16, R <= 512): x2 [M, K] @ weight[N, K]^T + scaling * "
+        "(x2 @ down[R, K]^T) @ up[N, R]^T + bias[N] -> [M, N]; float32, float16 or bfloat16. One launch, split-K, "
+        "deterministic.");
+#endif
 }

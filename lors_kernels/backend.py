@@ -78,6 +78,12 @@ def native():
     return _native
 
 
+def native_cuda_built() -> bool:
+    """Whether the native extension is there and was built with its CUDA kernels."""
+    ext = native()
+    return ext is not None and "cuda" in ext.built_backends()
+
+
 @functools.cache
 def triton_available() -> bool:
     return importlib.util.find_spec("triton") is not None

@@ -14,6 +14,9 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # the kernels hold a [BLOCK, D] tile of each operand; wider heads take the reference
 # Largest k the fused top-k keeps in registers (its running best list and one block, sorted together).
 MAX_FUSED_TOPK = 4096
+# The CUDA top-k kernel's limits (csrc/cuda/hrca.h): low-resolution cells in shared memory, int32 pixels.
+NATIVE_MAX_LOW_CELLS = 8192
+NATIVE_MAX_PIXELS = 2**30
 
 
 # ------------------------------------------------------------------------------------------- selection
@@ -69,8 +72,15 @@ def select_windows(scores: Tensor, low_hw, high_hw, k: int) -> Tensor:
 
 def _topk_pixels(scores, low_hw, high_hw, k, per_query):
     b, n, n_low = scores.shape
-    which = backend.choose(scores, native_fits=_native_fits(scores, "select_topk_pixels_cpu"),
-                           triton_fits=k <= MAX_FUSED_TOPK)
+    cpu = _native_fits(scores, "select_topk_pixels_cpu")
+    # The CUDA kernel runs only when forced: nothing has measured it against Triton yet, so the
+    # automatic choice stays Triton, and the extension is looked up only when it can be chosen.
+    cuda = (backend.forced_backend() == "native" and scores.is_cuda and n_low <= NATIVE_MAX_LOW_CELLS
+            and high_hw[0] * high_hw[1] <= NATIVE_MAX_PIXELS and backend.native_cuda_built())
+    which = backend.choose(scores, native_fits=cpu or cuda, native_wins=cpu, triton_fits=k <= MAX_FUSED_TOPK)
+    if which == "native" and cuda:
+        maps = scores if scores.dtype in KERNEL_DTYPES else scores.float()  # float64: fp32, as Triton reads it
+        return backend.native().select_topk_pixels_cuda(maps, *low_hw, *high_hw, k, per_query)
     if which == "native":
         return backend.native().select_topk_pixels_cpu(scores, *low_hw, *high_hw, k, per_query)
     if which == "triton":

@@ -15,6 +15,9 @@ from . import reference
 FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 runs on the reference
 NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ CPU kernel's
+# The CUDA decode kernel's limits (csrc/cuda/lors_linear.h: kDecodeMaxRows, kDecodeMaxRank).
+NATIVE_CUDA_MAX_ROWS = 16
+NATIVE_CUDA_MAX_RANK = 512
 
 
 def native_wins(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
@@ -86,15 +89,25 @@ def as_rows(t: Tensor) -> Tensor:
 def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], scaling: float) -> Tensor:
     """The forward on the backend that dispatch picks; inputs already checked."""
     x2 = as_rows(x)
-    fits = x.is_cpu and x.dtype in NATIVE_DTYPES and backend.native() is not None
-    wins = fits and native_wins(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
+    if x.is_cpu:
+        fits = x.dtype in NATIVE_DTYPES and backend.native() is not None
+        wins = fits and native_wins(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
+    else:
+        # The CUDA decode kernel runs only when forced: nothing has measured it against Triton yet, so
+        # the automatic choice stays Triton, and the extension is looked up only when it can be chosen.
+        wins = False
+        fits = (backend.forced_backend() == "native" and x.is_cuda and x.dtype in KERNEL_DTYPES
+                and x2.shape[0] <= NATIVE_CUDA_MAX_ROWS and down.shape[0] <= NATIVE_CUDA_MAX_RANK
+                and backend.native_cuda_built())
     which = backend.choose(x, native_fits=fits, native_wins=wins, triton_fits=x.dtype in KERNEL_DTYPES)
     if which == "triton":
         from . import triton as kernels
 
         y = kernels.lors_linear_forward(x2, weight, down, up, bias, scaling)
     elif which == "native":
-        y = backend.native().lors_linear_forward_cpu(x2, weight, down, up, bias, scaling)
+        ext = backend.native()
+        run = ext.lors_linear_forward_cpu if x.is_cpu else ext.lors_linear_forward_cuda
+        y = run(x2, weight, down, up, bias, scaling)
     else:
         y = reference.lors_linear(x2, weight, down, up, bias, scaling)
     return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
