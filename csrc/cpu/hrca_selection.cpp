@@ -26,6 +26,8 @@ namespace lors_kernels {
 namespace cpu {
 namespace {
 
+constexpr int64_t kMinPixelsPerThread = 1 << 16;
+
 // A candidate: an order-preserving key of its value and its index. Better = larger key, then lower
 // index: a strict total order, so the k best are unique and any split of the work finds the same ones.
 struct Candidate {
@@ -245,10 +247,13 @@ void select_topk_pixels(const double* maps, int64_t rows, int64_t lh, int64_t lw
   const Taps ty(hh, lh), tx(hw, lw);
   // Fewer maps than threads (a shared set for one image): each map's rows are split into parts whose
   // k best are merged. The k best are unique (a total order), so the split does not change them.
-  const int64_t parts = std::min<int64_t>(hh, rows >= num_threads ? 1 : (num_threads + rows - 1) / rows);
+  // A thread gets at least kMinPixelsPerThread pixels: below that, starting it costs more than it saves.
+  const int64_t useful = std::max<int64_t>(1, rows * hh * hw / kMinPixelsPerThread);
+  const int64_t team = std::min<int64_t>(num_threads, useful);
+  const int64_t parts = std::min<int64_t>(hh, rows >= team ? 1 : (team + rows - 1) / rows);
   const int64_t rows_per_part = (hh + parts - 1) / parts;
   std::vector<std::vector<Candidate>> found(static_cast<size_t>(parts > 1 ? rows * parts : 0));
-  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(num_threads, rows * parts)));
+  const int threads = static_cast<int>(std::max<int64_t>(1, std::min<int64_t>(team, rows * parts)));
   (void)threads;  // unused without OpenMP
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
