@@ -229,8 +229,11 @@ def test_public_ops_run_native_on_cpu(monkeypatch):
     assert calls == ["select_windows_cpu", "select_topk_pixels_cpu", "sparse_attention_forward_cpu"]
 
 
-def test_native_forward_trains_with_the_reference_backward():
-    q, k, v, index = attention_inputs(2, 2, 5, 12, 6, 8, False, torch.float32)
+@pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
+def test_training_on_cpu(per_query):
+    """Per-query sets train through the native forward + the written-out backward, shared sets through
+    SDPA's autograd: both give the float64 gradients."""
+    q, k, v, index = attention_inputs(2, 2, 5, 12, 6, 8, per_query, torch.float32)
     leaves = [t.clone().requires_grad_() for t in (q, k, v)]
     dout = torch.randn(q.shape)
     (lors_kernels.sparse_cross_attention(*leaves, index) * dout).sum().backward()
