@@ -39,6 +39,26 @@ std::vector<std::string> built_backends() {
   return backends;
 }
 
+// The shapes of lors_linear's operands: x2 [M, K], weight [N, K], down [R, K], up [N, R], bias [N].
+void check_lors_linear_shapes(const char* op, const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& down,
+                              const at::Tensor& up, const std::optional<at::Tensor>& bias) {
+  TORCH_CHECK_VALUE(x2.dim() == 2, op, ": x2 must be 2-D [M, K], got ", shape_of(x2));
+  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got ", shape_of(weight));
+  TORCH_CHECK_VALUE(down.dim() == 2, op, ": down must be 2-D [R, K], got ", shape_of(down));
+  TORCH_CHECK_VALUE(up.dim() == 2, op, ": up must be 2-D [N, R], got ", shape_of(up));
+  const int64_t k = x2.size(1), n = weight.size(0), r = down.size(0);
+  TORCH_CHECK_VALUE(weight.size(1) == k, op, ": weight ", shape_of(weight), " must be [N, K] with K = ", k,
+                    " for x2 ", shape_of(x2));
+  TORCH_CHECK_VALUE(down.size(1) == k, op, ": down ", shape_of(down), " must be [R, K] with K = ", k,
+                    " for x2 ", shape_of(x2));
+  TORCH_CHECK_VALUE(up.size(0) == n && up.size(1) == r, op, ": up ", shape_of(up), " must be [N, R] = [", n,
+                    ", ", r, "] for weight ", shape_of(weight), " and down ", shape_of(down));
+  if (bias.has_value()) {
+    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias ", shape_of(*bias), " must be [N] = [",
+                      n, "] for weight ", shape_of(weight));
+  }
+}
+
 // y [M, N] = x2 @ weight^T + scaling * (x2 @ down^T) @ up^T + bias
 at::Tensor lors_linear_forward_cpu(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& down,
                                    const at::Tensor& up, const std::optional<at::Tensor>& bias,
@@ -54,21 +74,8 @@ at::Tensor lors_linear_forward_cpu(const at::Tensor& x2, const at::Tensor& weigh
     TORCH_CHECK_TYPE(t->scalar_type() == x2.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
                      " but x2 has ", x2.scalar_type(), "; all tensors must share one dtype");
   }
-  TORCH_CHECK_VALUE(x2.dim() == 2, op, ": x2 must be 2-D [M, K], got ", shape_of(x2));
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got ", shape_of(weight));
-  TORCH_CHECK_VALUE(down.dim() == 2, op, ": down must be 2-D [R, K], got ", shape_of(down));
-  TORCH_CHECK_VALUE(up.dim() == 2, op, ": up must be 2-D [N, R], got ", shape_of(up));
+  check_lors_linear_shapes(op, x2, weight, down, up, bias);
   const int64_t m = x2.size(0), k = x2.size(1), n = weight.size(0), r = down.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == k, op, ": weight ", shape_of(weight), " must be [N, K] with K = ", k,
-                    " for x2 ", shape_of(x2));
-  TORCH_CHECK_VALUE(down.size(1) == k, op, ": down ", shape_of(down), " must be [R, K] with K = ", k,
-                    " for x2 ", shape_of(x2));
-  TORCH_CHECK_VALUE(up.size(0) == n && up.size(1) == r, op, ": up ", shape_of(up), " must be [N, R] = [", n,
-                    ", ", r, "] for weight ", shape_of(weight), " and down ", shape_of(down));
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias ", shape_of(*bias), " must be [N] = [",
-                      n, "] for weight ", shape_of(weight));
-  }
 
   // Dense row-major copies only where needed (weight, down, up are usually contiguous already).
   const at::Tensor xc = x2.contiguous(), wc = weight.contiguous(), dc = down.contiguous(), uc = up.contiguous();
@@ -257,21 +264,8 @@ at::Tensor lors_linear_forward_cuda(const at::Tensor& x2, const at::Tensor& weig
     TORCH_CHECK_TYPE(t->scalar_type() == x2.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
                      " but x2 has ", x2.scalar_type(), "; all tensors must share one dtype");
   }
-  TORCH_CHECK_VALUE(x2.dim() == 2, op, ": x2 must be 2-D [M, K], got ", shape_of(x2));
-  TORCH_CHECK_VALUE(weight.dim() == 2, op, ": weight must be 2-D [N, K], got ", shape_of(weight));
-  TORCH_CHECK_VALUE(down.dim() == 2, op, ": down must be 2-D [R, K], got ", shape_of(down));
-  TORCH_CHECK_VALUE(up.dim() == 2, op, ": up must be 2-D [N, R], got ", shape_of(up));
+  check_lors_linear_shapes(op, x2, weight, down, up, bias);
   const int64_t m = x2.size(0), k = x2.size(1), n = weight.size(0), r = down.size(0);
-  TORCH_CHECK_VALUE(weight.size(1) == k, op, ": weight ", shape_of(weight), " must be [N, K] with K = ", k,
-                    " for x2 ", shape_of(x2));
-  TORCH_CHECK_VALUE(down.size(1) == k, op, ": down ", shape_of(down), " must be [R, K] with K = ", k, " for x2 ",
-                    shape_of(x2));
-  TORCH_CHECK_VALUE(up.size(0) == n && up.size(1) == r, op, ": up ", shape_of(up), " must be [N, R] = [", n, ", ", r,
-                    "] for weight ", shape_of(weight), " and down ", shape_of(down));
-  if (bias.has_value()) {
-    TORCH_CHECK_VALUE(bias->dim() == 1 && bias->size(0) == n, op, ": bias ", shape_of(*bias), " must be [N] = [", n,
-                      "] for weight ", shape_of(weight));
-  }
   TORCH_CHECK_VALUE(m <= lors_kernels::cuda::kDecodeMaxRows, op, ": x2 has M = ", m,
                     " rows; the decode kernel takes at most ", lors_kernels::cuda::kDecodeMaxRows);
   TORCH_CHECK_VALUE(r <= lors_kernels::cuda::kDecodeMaxRank, op, ": rank R = ", r,
