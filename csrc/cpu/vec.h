@@ -78,6 +78,29 @@ LORS_INLINE f32x8 load8(const uint16_t* p) {
   std::memcpy(&v, &bits, sizeof v);
   return v;
 }
+
+LORS_INLINE f32x8 broadcast8(float s) { return f32x8{s, s, s, s, s, s, s, s}; }
+
+LORS_INLINE void store8(const f32x8& v, float* p) { std::memcpy(p, &v, sizeof v); }
+
+// Round to nearest even, lane by lane as store(float, uint16_t*) does.
+LORS_INLINE void store8(const f32x8& v, uint16_t* p) {
+  typedef uint16_t u16x8 __attribute__((vector_size(16)));
+  typedef uint32_t u32x8 __attribute__((vector_size(32)));
+  u32x8 bits;
+  std::memcpy(&bits, &v, sizeof bits);
+  const u32x8 rounded = (bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16;
+  const u32x8 quiet_nan = (bits >> 16) | 0x0040u;
+  const u32x8 half = (bits & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded;
+  const u16x8 out = __builtin_convertvector(half, u16x8);
+  std::memcpy(p, &out, sizeof out);
+}
+
+// max(v, 0); NaN stays NaN, as torch.relu keeps it.
+LORS_INLINE f32x8 relu8(const f32x8& v) { return v < 0.f ? f32x8{} : v; }
+
+// v where key > 0, else 0 (the gradient through a ReLU of key).
+LORS_INLINE f32x8 where_positive(const f32x8& key, const f32x8& v) { return key > 0.f ? v : f32x8{}; }
 #else
 struct f32x8 {
   float v[8];
@@ -90,12 +113,34 @@ struct f32x8 {
     for (int i = 0; i < 8; ++i) a.v[i] *= b.v[i];
     return a;
   }
+  friend f32x8 operator+(f32x8 a, const f32x8& b) { return a += b; }
+  friend f32x8 operator-(f32x8 a, const f32x8& b) {
+    for (int i = 0; i < 8; ++i) a.v[i] -= b.v[i];
+    return a;
+  }
 };
 
 template <class T>
 LORS_INLINE f32x8 load8(const T* p) {
   f32x8 v;
   for (int i = 0; i < 8; ++i) v.v[i] = widen(p[i]);
+  return v;
+}
+
+LORS_INLINE f32x8 broadcast8(float s) { return f32x8{{s, s, s, s, s, s, s, s}}; }
+
+template <class T>
+LORS_INLINE void store8(const f32x8& v, T* p) {
+  for (int i = 0; i < 8; ++i) store(v.v[i], p + i);
+}
+
+LORS_INLINE f32x8 relu8(f32x8 v) {
+  for (int i = 0; i < 8; ++i) v.v[i] = v.v[i] < 0.f ? 0.f : v.v[i];
+  return v;
+}
+
+LORS_INLINE f32x8 where_positive(const f32x8& key, f32x8 v) {
+  for (int i = 0; i < 8; ++i) v.v[i] = key.v[i] > 0.f ? v.v[i] : 0.f;
   return v;
 }
 #endif
@@ -106,6 +151,14 @@ LORS_INLINE f32x8 load8_tail(const T* p, int64_t n) {
   T buf[8] = {};
   std::memcpy(buf, p, static_cast<size_t>(n) * sizeof(T));
   return load8(buf);
+}
+
+// The first n < 8 lanes of v.
+template <class T>
+LORS_INLINE void store8_tail(const f32x8& v, T* p, int64_t n) {
+  T buf[8];
+  store8(v, buf);
+  std::memcpy(p, buf, static_cast<size_t>(n) * sizeof(T));
 }
 
 // The lanes of one accumulator are summed in this tree: ((0+4) + (2+6)) + ((1+5) + (3+7)).
