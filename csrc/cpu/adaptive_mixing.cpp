@@ -41,7 +41,8 @@ constexpr int64_t kNR = 16;  // columns of a packed B panel: two 8-lane vectors
 constexpr int kMR = 6;
 // dE and dF partial sums per group: a bound on their memory that still leaves work for 32 threads.
 constexpr int64_t kMaxChunksPerGroup = 32;
-constexpr int64_t kAlign = 16;  // floats: scratch arrays start on 64-byte cache lines
+constexpr int64_t kAlign = 16;
+constexpr int64_t kSumBlock = 256;  // dE, dF elements summed over the chunks at a time  // floats: scratch arrays start on 64-byte cache lines
 
 // ---------------------------------------------------------------------------------------------
 // GEMM on tile scratch
@@ -59,28 +60,43 @@ LORS_INLINE int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to *
 // Floats of B [k, n] packed: whole panels of kNR columns.
 LORS_INLINE int64_t packed_size(int64_t k, int64_t n) { return k * round_up(n, kNR); }
 
-// B [k, n], element (kk, j) at src[kk * rs + j * cs], into panels: dst[panel][kk][0, kNR), zero past
-// n. A micro-tile then walks one panel front to back, L1-resident whatever the source's leading
-// dimension (a power of two would map its rows onto a few cache sets).
+// B [k, n] = src (row-major, leading dimension ld) into panels: dst[panel][kk][0, kNR), zero past n.
+// A micro-tile then walks one panel front to back, L1-resident whatever ld is (a power of two would
+// map the rows onto a few cache sets). Row by row: the source is read front to back (a new query's M
+// streams from memory).
 template <class S>
-LORS_INLINE void pack_b(const S* src, int64_t rs, int64_t cs, int64_t k, int64_t n, float* dst) {
-  for (int64_t j0 = 0; j0 < n; j0 += kNR, dst += k * kNR) {
-    const int64_t cols = std::min(kNR, n - j0);
-    if (cs == 1 && cols == kNR) {
-      for (int64_t kk = 0; kk < k; ++kk) {
-        const S* row = src + kk * rs + j0;
-        store8(load8(row), dst + kk * kNR);
-        store8(load8(row + 8), dst + kk * kNR + 8);
-      }
-    } else if (cs == 1) {
-      for (int64_t kk = 0; kk < k; ++kk)
-        for (int64_t j = 0; j < kNR; ++j) dst[kk * kNR + j] = j < cols ? widen(src[kk * rs + j0 + j]) : 0.f;
-    } else {  // transposed source: read its rows, scatter into the panel
-      for (int64_t j = 0; j < kNR; ++j) {
-        const S* col = src + (j0 + j) * cs;
-        for (int64_t kk = 0; kk < k; ++kk) dst[kk * kNR + j] = j < cols ? widen(col[kk * rs]) : 0.f;
+LORS_INLINE void pack_b(const S* src, int64_t ld, int64_t k, int64_t n, float* dst) {
+  const int64_t full = n / kNR, panel = k * kNR;
+  for (int64_t kk = 0; kk < k; ++kk) {
+    const S* row = src + kk * ld;
+    float* out = dst + kk * kNR;
+    for (int64_t p = 0; p < full; ++p) {
+      store8(load8(row + p * kNR), out + p * panel);
+      store8(load8(row + p * kNR + 8), out + p * panel + 8);
+    }
+    for (int64_t j = full * kNR; j < round_up(n, kNR); ++j) out[full * panel + j % kNR] = j < n ? widen(row[j]) : 0.f;
+  }
+}
+
+// B [k, n] = src^T (src row-major [n, k], leading dimension ld) into panels, as pack_b: 8 x 8 blocks
+// transposed in registers, the ragged edges element by element.
+template <class S>
+LORS_INLINE void pack_bt(const S* src, int64_t ld, int64_t k, int64_t n, float* dst) {
+  const int64_t panel = k * kNR, k8 = k / 8 * 8, n8 = n / 8 * 8;
+  if (n % kNR) std::memset(dst + n / kNR * panel, 0, static_cast<size_t>(panel) * sizeof(float));
+  for (int64_t j = 0; j < n; j += 8) {
+    float* out = dst + j / kNR * panel + j % kNR;  // B's columns j .. j + 7, row 0
+    const S* col = src + j * ld;                   // their source rows
+    if (j < n8) {
+      for (int64_t kk = 0; kk < k8; kk += 8) {
+        f32x8 block[8];
+        for (int i = 0; i < 8; ++i) block[i] = load8(col + i * ld + kk);
+        transpose8x8(block);
+        for (int i = 0; i < 8; ++i) store8(block[i], out + (kk + i) * kNR);
       }
     }
+    for (int64_t jj = j; jj < std::min(j + 8, n); ++jj)
+      for (int64_t kk = jj < n8 ? k8 : 0; kk < k; ++kk) out[kk * kNR + jj - j] = widen(src[jj * ld + kk]);
   }
 }
 
@@ -102,9 +118,10 @@ LORS_INLINE void micro_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_c
   for (int64_t kk = 0; kk < k; ++kk, a += a_cs, b += kNR) {
     const f32x8 b0 = load8(b), b1 = load8(b + 8);
     for (int i = 0; i < MR; ++i) {
-      const f32x8 ai = broadcast8(a[i * a_rs]);
-      acc[i][0] += ai * b0;
-      acc[i][1] += ai * b1;
+      // vector * scalar: one vbroadcastss from memory per row (GCC 12 makes a broadcast8 an extra move)
+      const float ai = a[i * a_rs];
+      acc[i][0] += b0 * ai;
+      acc[i][1] += b1 * ai;
     }
   }
   for (int i = 0; i < MR; ++i) {
@@ -123,16 +140,50 @@ LORS_INLINE void micro_tile(int64_t k, const float* a, int64_t a_rs, int64_t a_c
   }
 }
 
+// The next tile's inputs and outputs, pulled into cache a few lines per micro-tile while this tile
+// computes. A tile reads its inputs in bursts (all of M at once: 64 KB at the paper's shapes) that the
+// hardware prefetcher does not run far enough ahead of.
+class Prefetcher {
+ public:
+  void add(const void* p, int64_t bytes, bool write) {
+    if (p != nullptr && bytes > 0 && count_ < kMaxRanges) {
+      const char* begin = static_cast<const char*>(p);
+      ranges_[count_++] = {begin, begin + bytes, write};
+    }
+  }
+
+  LORS_INLINE void step() {
+    for (int i = 0; i < kLinesPerStep && at_ < count_; ++i) {
+      Range& range = ranges_[at_];
+      prefetch(range.next, range.write);
+      range.next += 64;
+      if (range.next >= range.end) ++at_;
+    }
+  }
+
+ private:
+  static constexpr int kMaxRanges = 10, kLinesPerStep = 4;
+  struct Range {
+    const char* next;
+    const char* end;
+    bool write;
+  };
+  Range ranges_[kMaxRanges] = {};
+  int count_ = 0, at_ = 0;
+};
+
 // C [m, n] (ldc) = A [m, k] @ B [k, n] (B packed), or += when accumulate (fp32 C only). Panels outer:
 // a panel (k x 64 bytes) stays in L1 while every row block of A passes over it.
 template <class TC>
-LORS_INLINE void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, TC* c, int64_t ldc,
+LORS_INLINE void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, TC* c, int64_t ldc, Prefetcher& pf,
                       bool accumulate = false) {
   for (int64_t j0 = 0; j0 < n; j0 += kNR, bp += k * kNR) {
     const int64_t cols = std::min(kNR, n - j0);
     int64_t i = 0;
-    for (; i + kMR <= m; i += kMR)
+    for (; i + kMR <= m; i += kMR) {
       micro_tile<kMR>(k, a.p + i * a.rs, a.rs, a.cs, bp, c + i * ldc + j0, ldc, cols, accumulate);
+      pf.step();
+    }
     const float* ai = a.p + i * a.rs;
     TC* ci = c + i * ldc + j0;
     switch (m - i) {
@@ -347,11 +398,11 @@ Factors build_factors(const Problem<T>& p, bool backward) {
           for (int64_t a = 0; a < d.r; ++a)
             e_all[c * d.rm + k * d.r + a] = widen(p.em[((g * d.km + k) * d.c_in + c) * d.r + a]);
       const T* f_all = p.fm + g * d.rm * d.c_out;
-      pack_b(e_all.data(), d.rm, 1, d.c_in, d.rm, f.em_p.data() + g * f.em_p_size);
-      pack_b(f_all, d.c_out, 1, d.rm, d.c_out, f.fm_p.data() + g * f.fm_p_size);
+      pack_b(e_all.data(), d.rm, d.c_in, d.rm, f.em_p.data() + g * f.em_p_size);
+      pack_b(f_all, d.c_out, d.rm, d.c_out, f.fm_p.data() + g * f.fm_p_size);
       if (backward) {
-        pack_b(e_all.data(), 1, d.rm, d.rm, d.c_in, f.em_tp.data() + g * f.em_tp_size);
-        pack_b(f_all, 1, d.c_out, d.c_out, d.rm, f.fm_tp.data() + g * f.fm_tp_size);
+        pack_bt(e_all.data(), d.rm, d.rm, d.c_in, f.em_tp.data() + g * f.em_tp_size);
+        pack_bt(f_all, d.c_out, d.c_out, d.rm, f.fm_tp.data() + g * f.fm_tp_size);
       }
     }
   }
@@ -366,8 +417,8 @@ Factors build_factors(const Problem<T>& p, bool backward) {
     }
     for (int64_t g = 0; g < d.groups; ++g) {
       const T* f_all = p.fs + g * d.rs * d.p_in;
-      pack_b(f_all, d.p_in, 1, d.rs, d.p_in, f.fs_p.data() + g * f.fs_p_size);
-      if (backward) pack_b(f_all, 1, d.p_in, d.p_in, d.rs, f.fs_tp.data() + g * f.fs_tp_size);
+      pack_b(f_all, d.p_in, d.rs, d.p_in, f.fs_p.data() + g * f.fs_p_size);
+      if (backward) pack_bt(f_all, d.p_in, d.p_in, d.rs, f.fs_tp.data() + g * f.fs_tp_size);
     }
   }
   return f;
@@ -375,15 +426,16 @@ Factors build_factors(const Problem<T>& p, bool backward) {
 
 // One thread's tile scratch, fp32. Dense tiles are row-major; *p are packed B operands.
 struct Workspace {
-  float *x, *xe, *t, *qp, *mp, *p1, *hp, *se, *eq, *p2;  // forward (and the backward's recompute)
+  float *x, *xe, *t, *qp, *mp, *p1, *hp, *se, *eq, *p2;  // forward (and the backward's recompute); x: bf16 only
   float *h = nullptr, *htp = nullptr, *d2p = nullptr, *dsm = nullptr, *dsp = nullptr, *u = nullptr, *up = nullptr,
-        *dh = nullptr, *d1p = nullptr, *dx = nullptr, *dt = nullptr, *dtp = nullptr, *dxe = nullptr;  // backward
+        *dh = nullptr, *d1p = nullptr, *dx = nullptr, *dt = nullptr, *dtp = nullptr, *dxe = nullptr;  // backward; dx: bf16 only
   std::unique_ptr<float[]> storage;
 
-  Workspace(const Dims& d, bool backward) {
+  // fp32 reads x and writes dx in place; bf16 widens x, sums dx in fp32.
+  Workspace(const Dims& d, bool backward, bool bf16) {
     const int64_t pi = d.p_in, ci = d.c_in, co = d.c_out, po = d.p_out, r = d.r;
     const std::pair<float**, int64_t> forward_arrays[] = {
-        {&x, pi * ci},
+        {&x, bf16 ? pi * ci : 0},
         {&xe, pi * d.rm},
         {&t, pi * d.rm},
         {&qp, packed_size(r, r)},
@@ -404,7 +456,7 @@ struct Workspace {
         {&up, packed_size(po, r)},
         {&dh, pi * co},  // dh; d pre1 replaces it
         {&d1p, packed_size(pi, co)},
-        {&dx, pi * ci},
+        {&dx, bf16 ? pi * ci : 0},
         {&dt, pi * d.rm},
         {&dtp, packed_size(pi, r)},
         {&dxe, pi * d.rm},
@@ -446,26 +498,57 @@ struct TileStats {
   Stats ln1, ln2;
 };
 
+// The tile's x in fp32: the input itself, or its copy widened by forward_tile.
+template <class T>
+LORS_INLINE const float* x_of(const Problem<T>& p, const Workspace& w, int64_t tile) {
+  if constexpr (std::is_same<T, float>::value) {
+    return p.x + tile * p.d.p_in * p.d.c_in;
+  } else {
+    return w.x;
+  }
+}
+
+// Prefetches the inputs of tile (n, g) and, written, the outputs the pass writes for it.
+template <class T>
+void prefetch_tile(const Problem<T>& p, int64_t n, int64_t g, bool backward, Prefetcher& pf) {
+  const Dims& d = p.d;
+  const int64_t tile = n * d.groups + g, b = sizeof(T);
+  pf.add(p.x + tile * d.p_in * d.c_in, d.p_in * d.c_in * b, false);
+  pf.add(p.m + tile * d.c_in * d.c_out, d.c_in * d.c_out * b, false);
+  if (d.rm > 0) pf.add(p.qm + tile * d.km * d.r * d.r, d.km * d.r * d.r * b, false);
+  pf.add(p.s + tile * d.p_out * d.p_in, d.p_out * d.p_in * b, false);
+  if (d.rs > 0) pf.add(p.qs + tile * d.ks * d.r * d.r, d.ks * d.r * d.r * b, false);
+  if (!backward) {
+    pf.add(p.out + tile * d.p_out * d.c_out, d.p_out * d.c_out * b, true);
+    return;
+  }
+  pf.add(p.dout + tile * d.p_out * d.c_out, d.p_out * d.c_out * b, false);
+  pf.add(p.ds + tile * d.p_out * d.p_in, d.p_out * d.p_in * b, true);
+  pf.add(p.dm + tile * d.c_in * d.c_out, d.c_in * d.c_out * b, true);
+  pf.add(p.dx + tile * d.p_in * d.c_in, d.p_in * d.c_in * b, true);
+}
+
 // The forward of tile (n, g) up to pre2 (in w.p2) and its statistics; pre1 stays in w.p1, h packed in
 // w.hp (and row-major in w.h when keep_h).
 template <class T>
 LORS_INLINE TileStats forward_tile(const Problem<T>& p, const Factors& f, const Workspace& w, int64_t n, int64_t g,
-                                   bool keep_h) {
+                                   bool keep_h, Prefetcher& pf) {
   const Dims& d = p.d;
   const int64_t pi = d.p_in, ci = d.c_in, co = d.c_out, po = d.p_out, r = d.r, tile = n * d.groups + g;
   TileStats st;
 
   // Channel mixing: pre1 = x M + T F^M_all.
-  widen_into(p.x + tile * pi * ci, pi * ci, w.x);
-  pack_b(p.m + tile * ci * co, co, 1, ci, co, w.mp);
-  gemm(pi, co, ci, rows_of(w.x, ci), w.mp, w.p1, co);
+  if constexpr (!std::is_same<T, float>::value) widen_into(p.x + tile * pi * ci, pi * ci, w.x);
+  const float* x = x_of(p, w, tile);
+  pack_b(p.m + tile * ci * co, co, ci, co, w.mp);
+  gemm(pi, co, ci, rows_of(x, ci), w.mp, w.p1, co, pf);
   if (d.rm > 0) {
-    gemm(pi, d.rm, ci, rows_of(w.x, ci), f.em_p.data() + g * f.em_p_size, w.xe, d.rm);  // x E^M_all
+    gemm(pi, d.rm, ci, rows_of(x, ci), f.em_p.data() + g * f.em_p_size, w.xe, d.rm, pf);  // x E^M_all
     for (int64_t k = 0; k < d.km; ++k) {
-      pack_b(p.qm + (tile * d.km + k) * r * r, r, 1, r, r, w.qp);
-      gemm(pi, r, r, rows_of(w.xe + k * r, d.rm), w.qp, w.t + k * r, d.rm);  // T_k = (x E_k) Q_k
+      pack_b(p.qm + (tile * d.km + k) * r * r, r, r, r, w.qp);
+      gemm(pi, r, r, rows_of(w.xe + k * r, d.rm), w.qp, w.t + k * r, d.rm, pf);  // T_k = (x E_k) Q_k
     }
-    gemm(pi, co, d.rm, rows_of(w.t, d.rm), f.fm_p.data() + g * f.fm_p_size, w.p1, co, true);
+    gemm(pi, co, d.rm, rows_of(w.t, d.rm), f.fm_p.data() + g * f.fm_p_size, w.p1, co, pf, true);
   }
   st.ln1 = layer_norm_stats(w.p1, pi * co, p.eps);
   layer_norm_relu_packed(w.p1, pi, co, st.ln1, w.hp, keep_h ? w.h : nullptr);
@@ -474,12 +557,12 @@ LORS_INLINE TileStats forward_tile(const Problem<T>& p, const Factors& f, const 
   widen_into(p.s + tile * po * pi, po * pi, w.se);
   if (d.rs > 0) {
     for (int64_t k = 0; k < d.ks; ++k) {
-      pack_b(p.qs + (tile * d.ks + k) * r * r, r, 1, r, r, w.qp);
-      gemm(po, r, r, rows_of(f.es.data() + (g * d.ks + k) * po * r, r), w.qp, w.eq + k * r, d.rs);  // E_k Q_k
+      pack_b(p.qs + (tile * d.ks + k) * r * r, r, r, r, w.qp);
+      gemm(po, r, r, rows_of(f.es.data() + (g * d.ks + k) * po * r, r), w.qp, w.eq + k * r, d.rs, pf);  // E_k Q_k
     }
-    gemm(po, pi, d.rs, rows_of(w.eq, d.rs), f.fs_p.data() + g * f.fs_p_size, w.se, pi, true);
+    gemm(po, pi, d.rs, rows_of(w.eq, d.rs), f.fs_p.data() + g * f.fs_p_size, w.se, pi, pf, true);
   }
-  gemm(po, co, pi, rows_of(w.se, pi), w.hp, w.p2, co);
+  gemm(po, co, pi, rows_of(w.se, pi), w.hp, w.p2, co, pf);
   st.ln2 = layer_norm_stats(w.p2, po * co, p.eps);
   return st;
 }
@@ -489,7 +572,9 @@ LORS_INLINE void forward_tiles_impl(const Problem<T>& p, const Factors& f, const
                                     int64_t end) {
   const Dims& d = p.d;
   for (int64_t tile = begin; tile < end; ++tile) {
-    const TileStats st = forward_tile(p, f, w, tile / d.groups, tile % d.groups, false);
+    Prefetcher pf;
+    if (tile + 1 < d.bn * d.groups) prefetch_tile(p, (tile + 1) / d.groups, (tile + 1) % d.groups, false, pf);
+    const TileStats st = forward_tile(p, f, w, tile / d.groups, tile % d.groups, false, pf);
     layer_norm_relu_store(w.p2, d.p_out * d.c_out, st.ln2, p.out + tile * d.p_out * d.c_out);
   }
 }
@@ -497,53 +582,54 @@ LORS_INLINE void forward_tiles_impl(const Problem<T>& p, const Factors& f, const
 // Every gradient of tile (n, g): dx, dM, dS, dQ written, dE and dF added to the chunk's partial sums.
 template <class T>
 LORS_INLINE void backward_tile(const Problem<T>& p, const Factors& f, const Workspace& w, int64_t n, int64_t g,
-                               const Partial& part) {
+                               const Partial& part, Prefetcher& pf) {
   const Dims& d = p.d;
   const int64_t pi = d.p_in, ci = d.c_in, co = d.c_out, po = d.p_out, r = d.r, tile = n * d.groups + g;
-  const TileStats st = forward_tile(p, f, w, n, g, true);
+  const TileStats st = forward_tile(p, f, w, n, g, true, pf);
+  const float* x = x_of(p, w, tile);
 
   // Spatial mixing backward: pre2 = S_eff h.
   float* d2 = w.p2;
   layer_norm_relu_backward(w.p2, p.dout + tile * po * co, po, co, st.ln2, d2, w.d2p);
-  pack_b(w.h, 1, co, co, pi, w.htp);
-  gemm(po, pi, co, rows_of(d2, co), w.htp, w.dsm, pi);  // dS_eff = d pre2 h^T
+  pack_bt(w.h, co, co, pi, w.htp);
+  gemm(po, pi, co, rows_of(d2, co), w.htp, w.dsm, pi, pf);  // dS_eff = d pre2 h^T
   store_tile(w.dsm, po * pi, p.ds + tile * po * pi);
-  gemm(pi, co, po, transpose_of(w.se, pi), w.d2p, w.dh, co);  // dh = S_eff^T d pre2
+  gemm(pi, co, po, transpose_of(w.se, pi), w.d2p, w.dh, co, pf);  // dh = S_eff^T d pre2
   if (d.rs > 0) {
-    pack_b(w.dsm, pi, 1, po, pi, w.dsp);
-    gemm(d.rs, pi, po, transpose_of(w.eq, d.rs), w.dsp, part.dfs, pi, true);  // dF^S_all += (E Q)_all^T dS
-    gemm(po, d.rs, pi, rows_of(w.dsm, pi), f.fs_tp.data() + g * f.fs_tp_size, w.u, d.rs);  // U = dS F^S_all^T
+    pack_b(w.dsm, pi, po, pi, w.dsp);
+    gemm(d.rs, pi, po, transpose_of(w.eq, d.rs), w.dsp, part.dfs, pi, pf, true);  // dF^S_all += (E Q)_all^T dS
+    gemm(po, d.rs, pi, rows_of(w.dsm, pi), f.fs_tp.data() + g * f.fs_tp_size, w.u, d.rs, pf);  // U = dS F^S_all^T
     for (int64_t k = 0; k < d.ks; ++k) {
       const T* q = p.qs + (tile * d.ks + k) * r * r;
-      pack_b(q, 1, r, r, r, w.qp);
-      gemm(po, r, r, rows_of(w.u + k * r, d.rs), w.qp, part.des + k * po * r, r, true);  // dE_k += U_k Q_k^T
-      pack_b(w.u + k * r, d.rs, 1, po, r, w.up);
+      pack_bt(q, r, r, r, w.qp);
+      gemm(po, r, r, rows_of(w.u + k * r, d.rs), w.qp, part.des + k * po * r, r, pf, true);  // dE_k += U_k Q_k^T
+      pack_b(w.u + k * r, d.rs, po, r, w.up);
       gemm(r, r, po, transpose_of(f.es.data() + (g * d.ks + k) * po * r, r), w.up, p.dqs + (tile * d.ks + k) * r * r,
-           r);  // dQ_k = E_k^T U_k
+           r, pf);  // dQ_k = E_k^T U_k
     }
   }
 
   // Channel mixing backward: pre1 = x M + T F^M_all.
   float* d1 = w.dh;
   layer_norm_relu_backward(w.p1, w.dh, pi, co, st.ln1, d1, w.d1p);
-  gemm(ci, co, pi, transpose_of(w.x, ci), w.d1p, p.dm + tile * ci * co, co);  // dM = x^T d pre1
-  pack_b(p.m + tile * ci * co, 1, co, co, ci, w.mp);                            // M^T
+  gemm(ci, co, pi, transpose_of(x, ci), w.d1p, p.dm + tile * ci * co, co, pf);  // dM = x^T d pre1
+  pack_bt(p.m + tile * ci * co, co, co, ci, w.mp);                            // M^T
   float* dx = w.dx;
   if constexpr (std::is_same<T, float>::value) dx = p.dx + tile * pi * ci;  // fp32: accumulate in place
-  gemm(pi, ci, co, rows_of(d1, co), w.mp, dx, ci);  // dx = d pre1 M^T
+  gemm(pi, ci, co, rows_of(d1, co), w.mp, dx, ci, pf);  // dx = d pre1 M^T
   if (d.rm > 0) {
-    gemm(d.rm, co, pi, transpose_of(w.t, d.rm), w.d1p, part.dfm, co, true);               // dF^M_all += T^T d pre1
-    gemm(pi, d.rm, co, rows_of(d1, co), f.fm_tp.data() + g * f.fm_tp_size, w.dt, d.rm);  // dT = d pre1 F^M_all^T
+    gemm(d.rm, co, pi, transpose_of(w.t, d.rm), w.d1p, part.dfm, co, pf, true);               // dF^M_all += T^T d pre1
+    gemm(pi, d.rm, co, rows_of(d1, co), f.fm_tp.data() + g * f.fm_tp_size, w.dt, d.rm, pf);  // dT = d pre1 F^M_all^T
     for (int64_t k = 0; k < d.km; ++k) {
-      pack_b(w.dt + k * r, d.rm, 1, pi, r, w.dtp);
+      pack_b(w.dt + k * r, d.rm, pi, r, w.dtp);
       gemm(r, r, pi, transpose_of(w.xe + k * r, d.rm), w.dtp, p.dqm + (tile * d.km + k) * r * r,
-           r);  // dQ_k = (x E_k)^T dT_k
-      pack_b(p.qm + (tile * d.km + k) * r * r, 1, r, r, r, w.qp);
-      gemm(pi, r, r, rows_of(w.dt + k * r, d.rm), w.qp, w.dxe + k * r, d.rm);  // d(x E_k) = dT_k Q_k^T
-      pack_b(w.dxe + k * r, d.rm, 1, pi, r, w.dtp);
-      gemm(ci, r, pi, transpose_of(w.x, ci), w.dtp, part.dem + k * ci * r, r, true);  // dE_k += x^T d(x E_k)
+           r, pf);  // dQ_k = (x E_k)^T dT_k
+      pack_bt(p.qm + (tile * d.km + k) * r * r, r, r, r, w.qp);
+      gemm(pi, r, r, rows_of(w.dt + k * r, d.rm), w.qp, w.dxe + k * r, d.rm, pf);  // d(x E_k) = dT_k Q_k^T
+      pack_b(w.dxe + k * r, d.rm, pi, r, w.dtp);
+      gemm(ci, r, pi, transpose_of(x, ci), w.dtp, part.dem + k * ci * r, r, pf, true);  // dE_k += x^T d(x E_k)
     }
-    gemm(pi, ci, d.rm, rows_of(w.dxe, d.rm), f.em_tp.data() + g * f.em_tp_size, dx, ci, true);  // dx += d(xE) E^T
+    gemm(pi, ci, d.rm, rows_of(w.dxe, d.rm), f.em_tp.data() + g * f.em_tp_size, dx, ci, pf, true);  // dx += d(xE) E^T
   }
   if constexpr (!std::is_same<T, float>::value) store_tile(w.dx, pi * ci, p.dx + tile * pi * ci);
 }
@@ -553,7 +639,11 @@ LORS_INLINE void backward_chunk_impl(const Problem<T>& p, const Factors& f, cons
                                      int64_t n_end, int64_t g, float* partial) {
   std::fill(partial, partial + partial_size(p.d), 0.f);
   const Partial part = partial_at(partial, p.d);
-  for (int64_t n = n_begin; n < n_end; ++n) backward_tile(p, f, w, n, g, part);
+  for (int64_t n = n_begin; n < n_end; ++n) {
+    Prefetcher pf;
+    if (n + 1 < n_end) prefetch_tile(p, n + 1, g, true, pf);
+    backward_tile(p, f, w, n, g, part, pf);
+  }
 }
 
 // The multiversioned entry points, one per dtype (templates cannot be cloned).
@@ -590,7 +680,7 @@ void forward(const Problem<T>& p, int num_threads) {
   (void)threads;  // unused without OpenMP
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const Workspace w(p.d, false);
+    const Workspace w(p.d, false, !std::is_same<T, float>::value);
 #pragma omp for schedule(static)
     for (int64_t tile = 0; tile < tiles; ++tile) forward_tiles(p, f, w, tile, tile + 1);
   }
@@ -616,22 +706,25 @@ void backward(const Problem<T>& p, T* dem, T* dfm, T* des, T* dfs, int num_threa
 
 #pragma omp parallel num_threads(threads) if (threads > 1)
   {
-    const Workspace w(d, true);
+    const Workspace w(d, true, !std::is_same<T, float>::value);
 #pragma omp for schedule(dynamic, 1)
     for (int64_t c = 0; c < d.groups * chunks; ++c) {
       const int64_t g = c / chunks, n0 = (c % chunks) * chunk;
       backward_chunk(p, f, w, n0, std::min(d.bn, n0 + chunk), g, partials.get() + c * psize);
     }
-    // (implicit barrier: every partial is complete)
+    // (implicit barrier: every partial is complete) Each element sums its chunks in chunk order; a block
+    // of elements at a time, so that the partials are read front to back.
     for (int s = 0; s < 4; ++s) {
-      const int64_t offset = sections[s][0], size = sections[s][1];
+      const int64_t offset = sections[s][0], size = sections[s][1], blocks = (size + kSumBlock - 1) / kSumBlock;
 #pragma omp for schedule(static)
-      for (int64_t e = 0; e < d.groups * size; ++e) {
-        const int64_t g = e / size, i = e % size;
-        const float* first = partials.get() + g * chunks * psize + offset + i;
-        float sum = 0.f;
-        for (int64_t c = 0; c < chunks; ++c) sum += first[c * psize];
-        store(sum, outputs[s] + e);
+      for (int64_t b = 0; b < d.groups * blocks; ++b) {
+        const int64_t g = b / blocks, i0 = (b % blocks) * kSumBlock, len = std::min(kSumBlock, size - i0);
+        float sum[kSumBlock] = {};
+        for (int64_t c = 0; c < chunks; ++c) {
+          const float* part = partials.get() + (g * chunks + c) * psize + offset + i0;
+          for (int64_t i = 0; i < len; ++i) sum[i] += part[i];
+        }
+        for (int64_t i = 0; i < len; ++i) store(sum[i], outputs[s] + g * size + i0 + i);
       }
     }
   }
