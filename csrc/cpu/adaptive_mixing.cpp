@@ -175,8 +175,8 @@ class Prefetcher {
 // C [m, n] (ldc) = A [m, k] @ B [k, n] (B packed), or += when accumulate (fp32 C only). Panels outer:
 // a panel (k x 64 bytes) stays in L1 while every row block of A passes over it.
 template <class TC>
-LORS_INLINE void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, TC* c, int64_t ldc, Prefetcher& pf,
-                      bool accumulate = false) {
+LORS_INLINE void gemm_impl(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, TC* c, int64_t ldc,
+                           Prefetcher& pf, bool accumulate) {
   for (int64_t j0 = 0; j0 < n; j0 += kNR, bp += k * kNR) {
     const int64_t cols = std::min(kNR, n - j0);
     int64_t i = 0;
@@ -195,6 +195,18 @@ LORS_INLINE void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, 
       default: break;
     }
   }
+}
+
+// The GEMM entry points, one per C type, multiversioned themselves: out of line, so that the micro-tile
+// is compiled once per instruction set rather than at each of the tile's 30 products.
+LORS_MULTIVERSION void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, float* c, int64_t ldc,
+                            Prefetcher& pf, bool accumulate = false) {
+  gemm_impl(m, n, k, a, bp, c, ldc, pf, accumulate);
+}
+
+LORS_MULTIVERSION void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, uint16_t* c, int64_t ldc,
+                            Prefetcher& pf) {
+  gemm_impl(m, n, k, a, bp, c, ldc, pf, false);
 }
 
 // ---------------------------------------------------------------------------------------------
