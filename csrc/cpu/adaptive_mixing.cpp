@@ -265,14 +265,28 @@ LORS_INLINE Stats layer_norm_stats(const float* p, int64_t count, float eps) {
   return {mean, 1.f / std::sqrt(var + eps)};
 }
 
-// The 8-column block at (row, c0) of a packed [rows, cols] B.
-LORS_INLINE float* packed_at(float* bp, int64_t rows, int64_t row, int64_t c0) {
-  return bp + (c0 / kNR) * rows * kNR + row * kNR + c0 % kNR;
-}
-
 // Padding columns of a packed B must be zero: its last panel is cleared before a partial fill.
 LORS_INLINE void clear_padding(float* bp, int64_t rows, int64_t cols) {
   if (cols % kNR) std::memset(bp + (cols / kNR) * rows * kNR, 0, static_cast<size_t>(rows * kNR) * sizeof(float));
+}
+
+// Calls block(at, n, packed) for each run of n <= 8 columns of a dense [rows, cols] tile: at is its
+// dense offset, packed its place in the tile packed as a GEMM's B (rows as K). Panel by panel, so that
+// the packed side is written front to back.
+template <class F>
+LORS_INLINE void for_each_block(int64_t rows, int64_t cols, float* bp, F&& block) {
+  for (int64_t c0 = 0; c0 < cols; c0 += kNR) {
+    float* panel = bp + c0 / kNR * rows * kNR;
+    if (c0 + kNR <= cols) {
+      for (int64_t r = 0; r < rows; ++r) {
+        block(r * cols + c0, 8, panel + r * kNR);
+        block(r * cols + c0 + 8, 8, panel + r * kNR + 8);
+      }
+    } else {
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t c = c0; c < cols; c += 8) block(r * cols + c, std::min<int64_t>(8, cols - c), panel + r * kNR + c - c0);
+    }
+  }
 }
 
 // h = relu(LN(pre)) of a dense [rows, cols] tile, packed as a GEMM's B (rows as K), and row-major to h
@@ -281,20 +295,17 @@ LORS_INLINE void layer_norm_relu_packed(const float* pre, int64_t rows, int64_t 
                                         float* h) {
   const f32x8 mean = broadcast8(st.mean), rstd = broadcast8(st.rstd);
   clear_padding(hp, rows, cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
-      const int64_t n = std::min<int64_t>(8, cols - c0);
-      const float* src = pre + r * cols + c0;
-      const f32x8 v = relu8(((n == 8 ? load8(src) : load8_tail(src, n)) - mean) * rstd);
-      if (n == 8) {
-        store8(v, packed_at(hp, rows, r, c0));
-        if (h != nullptr) store8(v, h + r * cols + c0);
-      } else {
-        store8_tail(v, packed_at(hp, rows, r, c0), n);
-        if (h != nullptr) store8_tail(v, h + r * cols + c0, n);
-      }
+  for_each_block(rows, cols, hp, [&](int64_t at, int64_t n, float* packed) {
+    if (n == 8) {
+      const f32x8 v = relu8((load8(pre + at) - mean) * rstd);
+      store8(v, packed);
+      if (h != nullptr) store8(v, h + at);
+    } else {
+      const f32x8 v = relu8((load8_tail(pre + at, n) - mean) * rstd);
+      store8_tail(v, packed, n);
+      if (h != nullptr) store8_tail(v, h + at, n);
     }
-  }
+  });
 }
 
 // out = relu(LN(pre)) of a dense tile, stored in the output's dtype.
@@ -338,22 +349,22 @@ LORS_INLINE void layer_norm_relu_backward(const float* pre, const G* grad, int64
   }
   const f32x8 mean_dy = broadcast8(hsum(sum_dy[0] + sum_dy[1]) / static_cast<float>(count));
   const f32x8 mean_dyx = broadcast8(hsum(sum_dyx[0] + sum_dyx[1]) / static_cast<float>(count));
+  const auto d_pre = [&](const f32x8& pre_v, const f32x8& grad_v) {
+    const f32x8 xhat = (pre_v - mean) * rstd;
+    return rstd * (where_positive(xhat, grad_v) - mean_dy - xhat * mean_dyx);
+  };
   clear_padding(dp, rows, cols);
-  for (int64_t r = 0; r < rows; ++r) {
-    for (int64_t c0 = 0; c0 < cols; c0 += 8) {
-      const int64_t n = std::min<int64_t>(8, cols - c0), at = r * cols + c0;
-      const f32x8 xhat = ((n == 8 ? load8(pre + at) : load8_tail(pre + at, n)) - mean) * rstd;
-      const f32x8 dy = where_positive(xhat, n == 8 ? load8(grad + at) : load8_tail(grad + at, n));
-      const f32x8 v = rstd * (dy - mean_dy - xhat * mean_dyx);
-      if (n == 8) {
-        store8(v, d + at);
-        store8(v, packed_at(dp, rows, r, c0));
-      } else {
-        store8_tail(v, d + at, n);
-        store8_tail(v, packed_at(dp, rows, r, c0), n);
-      }
+  for_each_block(rows, cols, dp, [&](int64_t at, int64_t n, float* packed) {
+    if (n == 8) {
+      const f32x8 v = d_pre(load8(pre + at), load8(grad + at));
+      store8(v, d + at);
+      store8(v, packed);
+    } else {
+      const f32x8 v = d_pre(load8_tail(pre + at, n), load8_tail(grad + at, n));
+      store8_tail(v, d + at, n);
+      store8_tail(v, packed, n);
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------------------
