@@ -43,7 +43,8 @@ def make(bn, groups, p_in, c_in, c_out, p_out, r, km, ks, dtype, seed=0):
     def rand(*shape, fan=1):
         return (torch.randn(*shape, generator=gen) / max(fan, 1) ** 0.5).to(dtype)
 
-    x, m, s = rand(bn, groups, p_in, c_in), rand(bn, groups, c_in, c_out, fan=c_in), rand(bn, groups, p_out, p_in, fan=p_in)
+    x = rand(bn, groups, p_in, c_in)
+    m, s = rand(bn, groups, c_in, c_out, fan=c_in), rand(bn, groups, p_out, p_in, fan=p_in)
     cp = None if km is None else (rand(groups * km, c_in, r, fan=c_in), rand(bn, groups * km, r, r, fan=r),
                                   rand(groups * km, r, c_out, fan=r))
     sp = None if ks is None else (rand(groups * ks, p_out, r, fan=r), rand(bn, groups * ks, r, r, fan=r),
@@ -74,7 +75,8 @@ def oracle(x, m, s, cp, sp, dout):
 
 def assert_close(actual, expected, dtype, what):
     assert actual.shape == expected.shape, f"{what}: shape {tuple(actual.shape)} != {tuple(expected.shape)}"
-    assert actual.dtype == dtype and actual.is_contiguous(), f"{what}: {actual.dtype}, contiguous {actual.is_contiguous()}"
+    assert actual.dtype == dtype, f"{what}: dtype {actual.dtype} != {dtype}"
+    assert actual.is_contiguous(), f"{what}: not contiguous"
     if expected.numel() and expected.abs().max() == 0:
         assert torch.equal(actual.double(), expected), f"{what}: not exactly zero"
         return
@@ -150,7 +152,8 @@ def _bad_inputs():
         return name, {**ok, **changes}, error, match
 
     yield case("x-3d", ValueError, r"x must be 4-D", x=x[0])
-    yield case("M-c_in", ValueError, r"M \[2, 2, 5, 7\] must be \[BN, G, C_in, C_out\] = \[2, 2, 6, \*\]", M=m[:, :, :5])
+    yield case("M-c_in", ValueError, r"M \[2, 2, 5, 7\] must be \[BN, G, C_in, C_out\] = \[2, 2, 6, \*\]",
+               M=m[:, :, :5])
     yield case("M-groups", ValueError, r"M \[2, 1, 6, 7\]", M=m[:, :1])
     yield case("S-p_in", ValueError, r"S \[2, 2, 8, 4\] must be \[BN, G, P_out, P_in\] = \[2, 2, \*, 5\]", S=s[..., :4])
     yield case("E-rows", ValueError, r"channel private part must be E \[G\*K, 6, r\]", em=em[:, :5])

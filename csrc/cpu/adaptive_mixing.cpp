@@ -41,8 +41,8 @@ constexpr int64_t kNR = 16;  // columns of a packed B panel: two 8-lane vectors
 constexpr int kMR = 6;
 // dE and dF partial sums per group: a bound on their memory that still leaves work for 32 threads.
 constexpr int64_t kMaxChunksPerGroup = 32;
-constexpr int64_t kAlign = 16;
-constexpr int64_t kSumBlock = 256;  // dE, dF elements summed over the chunks at a time  // floats: scratch arrays start on 64-byte cache lines
+constexpr int64_t kSumBlock = 256;  // dE, dF elements summed over the chunks at a time
+constexpr int64_t kAlign = 16;      // floats: scratch arrays start on 64-byte cache lines
 
 // ---------------------------------------------------------------------------------------------
 // GEMM on tile scratch
@@ -284,7 +284,8 @@ LORS_INLINE void for_each_block(int64_t rows, int64_t cols, float* bp, F&& block
       }
     } else {
       for (int64_t r = 0; r < rows; ++r)
-        for (int64_t c = c0; c < cols; c += 8) block(r * cols + c, std::min<int64_t>(8, cols - c), panel + r * kNR + c - c0);
+        for (int64_t c = c0; c < cols; c += 8)
+          block(r * cols + c, std::min<int64_t>(8, cols - c), panel + r * kNR + c - c0);
     }
   }
 }
@@ -449,9 +450,11 @@ Factors build_factors(const Problem<T>& p, bool backward) {
 
 // One thread's tile scratch, fp32. Dense tiles are row-major; *p are packed B operands.
 struct Workspace {
-  float *x, *xe, *t, *qp, *mp, *p1, *hp, *se, *eq, *p2;  // forward (and the backward's recompute); x: bf16 only
+  // The forward (and the backward's recompute); x: bf16 only.
+  float *x, *xe, *t, *qp, *mp, *p1, *hp, *se, *eq, *p2;
+  // The backward; dx: bf16 only.
   float *h = nullptr, *htp = nullptr, *d2p = nullptr, *dsm = nullptr, *dsp = nullptr, *u = nullptr, *up = nullptr,
-        *dh = nullptr, *d1p = nullptr, *dx = nullptr, *dt = nullptr, *dtp = nullptr, *dxe = nullptr;  // backward; dx: bf16 only
+        *dh = nullptr, *d1p = nullptr, *dx = nullptr, *dt = nullptr, *dtp = nullptr, *dxe = nullptr;
   std::unique_ptr<float[]> storage;
 
   // fp32 reads x and writes dx in place; bf16 widens x, sums dx in fp32.
@@ -511,7 +514,8 @@ LORS_INLINE int64_t partial_size(const Dims& d) {
 }
 
 LORS_INLINE Partial partial_at(float* base, const Dims& d) {
-  return {base, base + d.rm * d.c_in, base + d.rm * (d.c_in + d.c_out), base + d.rm * (d.c_in + d.c_out) + d.rs * d.p_out};
+  float* des = base + d.rm * (d.c_in + d.c_out);
+  return {base, base + d.rm * d.c_in, des, des + d.rs * d.p_out};
 }
 
 // ---------------------------------------------------------------------------------------------
