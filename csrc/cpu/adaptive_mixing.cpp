@@ -19,7 +19,7 @@
 // added in chunk order, so no result depends on the thread count or on which thread ran what.
 //
 // All products run through one GEMM: A read in place (row-major or transposed), B packed into panels
-// of 16 columns (bf16 widened once), a 6 x 16 register-blocked micro-tile.
+// of 16 columns (bf16 widened once), a 6 x 16 register-blocked micro-tile; AVX2 and AVX-512 clones.
 #include "adaptive_mixing.h"
 
 #include <algorithm>
@@ -199,13 +199,13 @@ LORS_INLINE void gemm_impl(int64_t m, int64_t n, int64_t k, MatA a, const float*
 
 // The GEMM entry points, one per C type, multiversioned themselves: out of line, so that the micro-tile
 // is compiled once per instruction set rather than at each of the tile's 30 products.
-LORS_MULTIVERSION void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, float* c, int64_t ldc,
-                            Prefetcher& pf, bool accumulate = false) {
+LORS_MULTIVERSION_AVX512 void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, float* c,
+                                   int64_t ldc, Prefetcher& pf, bool accumulate = false) {
   gemm_impl(m, n, k, a, bp, c, ldc, pf, accumulate);
 }
 
-LORS_MULTIVERSION void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, uint16_t* c, int64_t ldc,
-                            Prefetcher& pf) {
+LORS_MULTIVERSION_AVX512 void gemm(int64_t m, int64_t n, int64_t k, MatA a, const float* bp, uint16_t* c,
+                                   int64_t ldc, Prefetcher& pf) {
   gemm_impl(m, n, k, a, bp, c, ldc, pf, false);
 }
 
@@ -674,23 +674,23 @@ LORS_INLINE void backward_chunk_impl(const Problem<T>& p, const Factors& f, cons
 }
 
 // The multiversioned entry points, one per dtype (templates cannot be cloned).
-LORS_MULTIVERSION void forward_tiles(const Problem<float>& p, const Factors& f, const Workspace& w, int64_t begin,
-                                     int64_t end) {
+LORS_MULTIVERSION_AVX512 void forward_tiles(const Problem<float>& p, const Factors& f, const Workspace& w,
+                                            int64_t begin, int64_t end) {
   forward_tiles_impl(p, f, w, begin, end);
 }
 
-LORS_MULTIVERSION void forward_tiles(const Problem<uint16_t>& p, const Factors& f, const Workspace& w, int64_t begin,
-                                     int64_t end) {
+LORS_MULTIVERSION_AVX512 void forward_tiles(const Problem<uint16_t>& p, const Factors& f, const Workspace& w,
+                                            int64_t begin, int64_t end) {
   forward_tiles_impl(p, f, w, begin, end);
 }
 
-LORS_MULTIVERSION void backward_chunk(const Problem<float>& p, const Factors& f, const Workspace& w, int64_t n_begin,
-                                      int64_t n_end, int64_t g, float* partial) {
+LORS_MULTIVERSION_AVX512 void backward_chunk(const Problem<float>& p, const Factors& f, const Workspace& w,
+                                             int64_t n_begin, int64_t n_end, int64_t g, float* partial) {
   backward_chunk_impl(p, f, w, n_begin, n_end, g, partial);
 }
 
-LORS_MULTIVERSION void backward_chunk(const Problem<uint16_t>& p, const Factors& f, const Workspace& w,
-                                      int64_t n_begin, int64_t n_end, int64_t g, float* partial) {
+LORS_MULTIVERSION_AVX512 void backward_chunk(const Problem<uint16_t>& p, const Factors& f, const Workspace& w,
+                                             int64_t n_begin, int64_t n_end, int64_t g, float* partial) {
   backward_chunk_impl(p, f, w, n_begin, n_end, g, partial);
 }
 

@@ -8,12 +8,18 @@
 
 // Function multiversioning: a kernel's hot entry points get an AVX2+FMA clone picked once at load
 // time (ifunc), so the library runs on any x86-64 without -march=native. Elsewhere: one generic build.
+// LORS_MULTIVERSION_AVX512 adds an AVX-512 clone, for register-blocked products: still 8-lane
+// vectors, but EVEX-encoded (32 registers, broadcasts folded into the FMAs): 2-3% on adaptive mixing's
+// small GEMMs, up to 12% on those with K = 16.
 #if defined(__x86_64__) && defined(__GLIBC__) && defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 12
 #define LORS_MULTIVERSION __attribute__((target_clones("arch=x86-64-v3", "default")))
+#define LORS_MULTIVERSION_AVX512 __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #elif defined(__x86_64__) && defined(__GLIBC__) && defined(__clang__) && __clang_major__ >= 14
 #define LORS_MULTIVERSION __attribute__((target_clones("avx2", "default")))
+#define LORS_MULTIVERSION_AVX512 LORS_MULTIVERSION
 #else
 #define LORS_MULTIVERSION
+#define LORS_MULTIVERSION_AVX512
 #endif
 
 // Everything the clones call is forced inline: an out-of-line helper would get the baseline ISA only.
