@@ -2,6 +2,7 @@
 // dispatches on dtype and calls the raw-pointer kernels of csrc/cpu (and csrc/cuda when built).
 #include <torch/extension.h>
 
+#include <algorithm>
 #include <cstdint>
 #include <optional>
 #include <string>
@@ -92,21 +93,26 @@ MixingInputs mixing_inputs(const char* op, const at::Tensor* dout, const at::Ten
                            const std::optional<at::Tensor>& qm, const std::optional<at::Tensor>& fm,
                            const std::optional<at::Tensor>& es, const std::optional<at::Tensor>& qs,
                            const std::optional<at::Tensor>& fs) {
+  MixingInputs in;
+  // A private part (E [G*K, rows, r], Q [BN, G*K, r, r], F [G*K, r, cols]) and where its dense copies go.
+  struct Part {
+    const char* label;
+    const char* names[3];
+    const std::optional<at::Tensor>* given[3];
+    at::Tensor* dense[3];
+    int64_t* k;
+  };
+  const Part parts[] = {
+      {"channel private", {"E^M", "Q^M", "F^M"}, {&em, &qm, &fm}, {&in.em, &in.qm, &in.fm}, &in.sizes.k_channel},
+      {"spatial private", {"E^S", "Q^S", "F^S"}, {&es, &qs, &fs}, {&in.es, &in.qs, &in.fs}, &in.sizes.k_spatial}};
+
   std::vector<std::pair<const char*, const at::Tensor*>> named{{"x", &x}, {"M", &m}, {"S", &s}};
   if (dout != nullptr) named.emplace_back("dout", dout);
-  const struct {
-    const char* label;
-    const std::optional<at::Tensor>*e, *q, *f;
-  } parts[] = {{"channel private", &em, &qm, &fm}, {"spatial private", &es, &qs, &fs}};
-  for (const auto& part : parts) {
-    const int given = part.e->has_value() + part.q->has_value() + part.f->has_value();
-    TORCH_CHECK_VALUE(given == 0 || given == 3, op, ": the ", part.label, " part needs E, Q and F together, got ",
-                      given, " of them");
-    if (given == 3) {
-      named.emplace_back(part.e == &em ? "E^M" : "E^S", &**part.e);
-      named.emplace_back(part.q == &qm ? "Q^M" : "Q^S", &**part.q);
-      named.emplace_back(part.f == &fm ? "F^M" : "F^S", &**part.f);
-    }
+  for (const Part& part : parts) {
+    const int count = part.given[0]->has_value() + part.given[1]->has_value() + part.given[2]->has_value();
+    TORCH_CHECK_VALUE(count == 0 || count == 3, op, ": the ", part.label, " part needs E, Q and F together, got ",
+                      count, " of them");
+    for (int i = 0; i < 3 && count == 3; ++i) named.emplace_back(part.names[i], &**part.given[i]);
   }
   for (const auto& [name, t] : named) {
     TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
@@ -131,32 +137,25 @@ MixingInputs mixing_inputs(const char* op, const at::Tensor* dout, const at::Ten
                       p_out, ", ", c_out, "]");
   }
 
-  MixingInputs in;
   in.x = x.contiguous(), in.m = m.contiguous(), in.s = s.contiguous();
   in.sizes = {bn, groups, p_in, c_in, c_out, p_out, 0, 0, 0};
+  const int64_t rows[] = {c_in, p_out}, cols[] = {c_out, p_in};
   int64_t rank = -1;
-  const struct {
-    const char* label;
-    const std::optional<at::Tensor>*e, *q, *f;
-    int64_t rows, cols;
-    at::Tensor *de, *dq, *df;
-    int64_t* k;
-  } checked[] = {{"channel private", &em, &qm, &fm, c_in, c_out, &in.em, &in.qm, &in.fm, &in.sizes.k_channel},
-                 {"spatial private", &es, &qs, &fs, p_out, p_in, &in.es, &in.qs, &in.fs, &in.sizes.k_spatial}};
-  for (const auto& part : checked) {
-    if (!part.e->has_value()) continue;
-    const at::Tensor &e = **part.e, &q = **part.q, &f = **part.f;
+  for (int i = 0; i < 2; ++i) {
+    const Part& part = parts[i];
+    if (!part.given[0]->has_value()) continue;
+    const at::Tensor &e = **part.given[0], &q = **part.given[1], &f = **part.given[2];
     const int64_t gk = e.dim() == 3 ? e.size(0) : -1, r = e.dim() == 3 ? e.size(2) : -1;
     const bool ok = e.dim() == 3 && q.dim() == 4 && f.dim() == 3 && (groups > 0 ? gk % groups == 0 : gk == 0) &&
-                    e.size(1) == part.rows && q.size(0) == bn && q.size(1) == gk && q.size(2) == r &&
-                    q.size(3) == r && f.size(0) == gk && f.size(1) == r && f.size(2) == part.cols;
-    TORCH_CHECK_VALUE(ok, op, ": the ", part.label, " part must be E [G*K, ", part.rows, ", r], Q [", bn,
-                      ", G*K, r, r], F [G*K, r, ", part.cols, "] with G = ", groups, "; got E ", shape_of(e), ", Q ",
+                    e.size(1) == rows[i] && q.size(0) == bn && q.size(1) == gk && q.size(2) == r &&
+                    q.size(3) == r && f.size(0) == gk && f.size(1) == r && f.size(2) == cols[i];
+    TORCH_CHECK_VALUE(ok, op, ": the ", part.label, " part must be E [G*K, ", rows[i], ", r], Q [", bn,
+                      ", G*K, r, r], F [G*K, r, ", cols[i], "] with G = ", groups, "; got E ", shape_of(e), ", Q ",
                       shape_of(q), ", F ", shape_of(f));
     TORCH_CHECK_VALUE(rank < 0 || rank == r, op, ": the channel and spatial private parts must share one rank, got ",
                       rank, " and ", r);
     rank = r;
-    *part.de = e.contiguous(), *part.dq = q.contiguous(), *part.df = f.contiguous();
+    for (int j = 0; j < 3; ++j) *part.dense[j] = part.given[j]->value().contiguous();
     *part.k = groups > 0 ? gk / groups : 0;
   }
   in.sizes.rank = std::max<int64_t>(rank, 0);
@@ -184,19 +183,18 @@ at::Tensor adaptive_mixing_forward_cpu(const at::Tensor& x, const at::Tensor& m,
   at::Tensor out = at::empty({z.bn, z.groups, z.p_out, z.c_out}, in.x.options());
   const int threads = at::get_num_threads();
 
+  // Released: the kernel touches no Python object and may run for milliseconds.
   pybind11::gil_scoped_release no_gil;
+  const auto run = [&](auto kernel, auto tag) {
+    using T = decltype(tag);
+    kernel(data_of<T>(in.x), data_of<T>(in.m), data_of<T>(in.s), data_of<T>(in.em), data_of<T>(in.qm),
+           data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), mutable_data_of<T>(out), z,
+           static_cast<float>(eps), threads);
+  };
   if (x.scalar_type() == at::kFloat) {
-    using T = float;
-    lors_kernels::cpu::adaptive_mixing_forward_f32(
-        data_of<T>(in.x), data_of<T>(in.m), data_of<T>(in.s), data_of<T>(in.em), data_of<T>(in.qm),
-        data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), mutable_data_of<T>(out), z,
-        static_cast<float>(eps), threads);
+    run(lors_kernels::cpu::adaptive_mixing_forward_f32, float{});
   } else {
-    using T = uint16_t;  // bf16 as its raw bit pattern
-    lors_kernels::cpu::adaptive_mixing_forward_bf16(
-        data_of<T>(in.x), data_of<T>(in.m), data_of<T>(in.s), data_of<T>(in.em), data_of<T>(in.qm),
-        data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), mutable_data_of<T>(out), z,
-        static_cast<float>(eps), threads);
+    run(lors_kernels::cpu::adaptive_mixing_forward_bf16, uint16_t{});  // bf16 as its raw bit pattern
   }
   return out;
 }
@@ -231,6 +229,7 @@ std::vector<at::Tensor> adaptive_mixing_backward_cpu(
   }
   return grads;
 }
+
 }  // namespace
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
