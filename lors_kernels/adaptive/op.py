@@ -67,22 +67,41 @@ def _private(e, q, f):
     return None if e is None else (e, q, f)
 
 
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ CPU kernels'
+
+
+def _route(x: Tensor) -> str:
+    """Which backend mixes tensors like x. The native CPU kernels run automatically in fp32 only:
+    measured on 2 cores against the eager reference, fp32 is 2.3-3.3x faster forward and 1.65-1.9x
+    forward+backward; bf16 is even forward and 0.74-0.84x forward+backward (eager's bf16 matmuls use
+    AVX512-BF16 at twice the fp32 rate, the kernels compute in fp32)."""
+    fits = x.is_cpu and x.dtype in NATIVE_DTYPES and hasattr(backend.native(), "adaptive_mixing_forward_cpu")
+    return backend.choose(x, native_fits=fits, native_wins=fits and x.dtype == torch.float32,
+                          triton_fits=x.dtype in KERNEL_DTYPES)
+
+
 def _use_triton(x: Tensor) -> bool:
-    return backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton"
+    return _route(x) == "triton"
 
 
 def forward(x, m, s, em, qm, fm, es, qs, fs, eps):
-    if _use_triton(x):
+    which = _route(x)
+    if which == "triton":
         from . import triton as kernels
 
         parts = [t if t is None else t.contiguous() for t in (x, m, s, em, qm, fm, es, qs, fs)]
         return kernels.mixing_forward(*parts[:3], _private(*parts[3:6]), _private(*parts[6:9]), eps)
+    if which == "native":
+        return backend.native().adaptive_mixing_forward_cpu(x, m, s, em, qm, fm, es, qs, fs, eps)
     return reference.adaptive_mixing(x, m, s, _private(em, qm, fm), _private(es, qs, fs), eps)
 
 
 def backward(dout, x, m, s, em, qm, fm, es, qs, fs, eps):
     """(dx, dM, dS, dE^M, dQ^M, dF^M, dE^S, dQ^S, dF^S); private gradients are None when absent."""
-    if _use_triton(x):
+    which = _route(x)
+    if which == "native":
+        return tuple(backend.native().adaptive_mixing_backward_cpu(dout, x, m, s, em, qm, fm, es, qs, fs, eps))
+    if which == "triton":
         from . import triton as kernels
 
         parts = [t if t is None else t.contiguous() for t in (x, m, s, em, qm, fm, es, qs, fs)]
@@ -144,7 +163,7 @@ _AdaptiveMixingFunction = custom_op.eager_twin(forward, _setup_context, _gradien
 def _recorded(x, m, s, em, qm, fm, es, qs, fs, eps):
     """With autograd recording: the kernels' Function, or on the reference its own autograd, which
     keeps what it needs as the eager code it replaces does."""
-    if _use_triton(x):
+    if _route(x) != "reference":
         return _AdaptiveMixingFunction.apply(x, m, s, em, qm, fm, es, qs, fs, eps)
     return reference.adaptive_mixing(x, m, s, _private(em, qm, fm), _private(es, qs, fs), eps)
 
