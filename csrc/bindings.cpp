@@ -128,8 +128,7 @@ at::Tensor select_windows_cpu(const at::Tensor& scores, int64_t lh, int64_t lw, 
   const at::Tensor cells = scores.sum({1}, false, at::promote_types(scores.scalar_type(), at::kFloat)).to(at::kDouble).contiguous();
   at::Tensor out = at::empty({scores.size(0), k * ws * ws}, scores.options().dtype(at::kLong));
   pybind11::gil_scoped_release no_gil;
-  lors_kernels::cpu::select_windows(cells.data_ptr<double>(), cells.size(0), lh, lw, ws, k, out.data_ptr<int64_t>(),
-                                    at::get_num_threads());
+  lors_kernels::cpu::select_windows(cells.data_ptr<double>(), cells.size(0), lh, lw, ws, k, out.data_ptr<int64_t>());
   return out;
 }
 

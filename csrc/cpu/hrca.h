@@ -1,6 +1,6 @@
 // FASeg's high-resolution cross-attention on the CPU: raw-pointer kernels, no torch headers
-// (bindings.cpp wraps them). Every array is dense row-major; num_threads is the most OpenMP threads to
-// use, and every result is bitwise independent of it.
+// (bindings.cpp wraps them). Every array is dense row-major; num_threads, where taken, is the most
+// OpenMP threads to use, and every result is bitwise independent of it.
 #pragma once
 
 #include <cstdint>
@@ -14,8 +14,9 @@ namespace cpu {
 // cells: [rows, n_low] scores per low-resolution cell (already summed over queries). Keeps the k best
 // cells of each row and expands each to its ws x ws window of the high-resolution map (low width lw):
 // out [rows, k * ws * ws] int64, cells ascending, pixels row-major inside a window.
+// Rows of at most a few thousand cells: one thread (another would cost more than it saves).
 void select_windows(const double* cells, int64_t rows, int64_t lh, int64_t lw, int64_t ws, int64_t k,
-                    int64_t* out, int num_threads);
+                    int64_t* out);
 
 // maps: [rows, lh * lw] low-resolution score maps. Each is upsampled to hh x hw (bilinear,
 // align_corners=False, as F.interpolate: along x first, then y, each as a + w * (b - a)) on the fly,

@@ -223,8 +223,7 @@ void sorted_indices(const std::vector<Candidate>& best, int64_t n, std::vector<u
 }  // namespace
 
 void select_windows(const double* cells, int64_t rows, int64_t lh, int64_t lw, int64_t ws, int64_t k,
-                    int64_t* out, int num_threads) {
-  (void)num_threads;  // rows of at most a few thousand cells: threads would cost more than they save
+                    int64_t* out) {
   const int64_t n_low = lh * lw, high_w = lw * ws, window = ws * ws;
   std::vector<int64_t> cells_kept(static_cast<size_t>(k));
   std::vector<uint64_t> marks;

@@ -80,10 +80,6 @@ def _route(x: Tensor) -> str:
                           triton_fits=x.dtype in KERNEL_DTYPES)
 
 
-def _use_triton(x: Tensor) -> bool:
-    return _route(x) == "triton"
-
-
 def forward(x, m, s, em, qm, fm, es, qs, fs, eps):
     which = _route(x)
     if which == "triton":
@@ -198,7 +194,7 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
 
 def generate(q, gen_weight, gen_bias, core_weight, core_bias):
     """(q @ W_gen^T + b_gen, q @ W_core^T + b_core): one Triton launch on CUDA; cores empty when absent."""
-    if _use_triton(q):
+    if _route(q) == "triton":
         from . import triton as kernels
 
         mixing, cores = kernels.generate(q, gen_weight, gen_bias, core_weight, core_bias)

@@ -14,6 +14,7 @@ KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 MAX_HEAD_DIM = 256  # the kernels hold a [BLOCK, D] tile of each operand; wider heads take the reference
 # Largest k the fused top-k keeps in registers (its running best list and one block, sorted together).
 MAX_FUSED_TOPK = 4096
+NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ CPU attention's
 # The CUDA top-k kernel's limits (csrc/cuda/hrca.h): low-resolution cells in shared memory, int32 pixels.
 NATIVE_MAX_LOW_CELLS = 8192
 NATIVE_MAX_PIXELS = 2**30
@@ -152,9 +153,6 @@ def check_index_range(index: Tensor, length: int) -> None:
         if low < -1 or high >= length:
             raise IndexError(f"sparse_cross_attention: index entries must be -1 (padding) or in [0, {length}) "
                              f"(L = {length} keys), got values in [{low}, {high}]")
-
-
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)
 
 
 def _route(q, index) -> str:
