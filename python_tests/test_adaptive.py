@@ -292,6 +292,36 @@ def test_adaptive_mixing_module_matches_eager_equations():
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # stage 0 has K = 0: no core rows
+def test_lors_weight_generator_matches_the_formula():
+    """W_l(q) = reshape(q Wgen^T + b) + sum_k E_k Q_k(q) F_k, checked with explicit float64 loops."""
+    torch.manual_seed(0)
+    gen = lk.LorsWeightGenerator(3, 10, rows=5, cols=7, rank=2, kernel_groups=[0, 1, 3], dtype=torch.float64)
+    for core in gen.cores:
+        torch.nn.init.normal_(core.weight)
+        torch.nn.init.normal_(core.bias)
+    query = torch.randn(2, 4, 10, dtype=torch.float64, requires_grad=True)
+    for stage, k in enumerate([0, 1, 3]):
+        out = gen(stage, query)
+        assert out.shape == (2, 4, 5, 7)
+        for b in range(2):
+            for n in range(4):
+                q = query[b, n]
+                expected = (gen.generator.weight @ q + gen.generator.bias).view(5, 7)
+                cores = (gen.cores[stage].weight @ q + gen.cores[stage].bias).view(k, 2, 2)
+                for kk in range(k):
+                    expected = expected + gen.left[stage][kk] @ cores[kk] @ gen.right[stage][kk]
+                torch.testing.assert_close(out[b, n], expected)
+    gen(2, query).square().sum().backward()
+    assert gen.generator.weight.grad is not None and gen.left[2].grad is not None and query.grad is not None
+    assert gen.left[1].grad is None  # other stages' private parts are untouched
+    fresh = lk.LorsWeightGenerator(2, 10, rows=5, cols=7, rank=2, kernel_groups=[1, 2])
+    q = torch.randn(3, 10)
+    torch.testing.assert_close(fresh(1, q), fresh.generator(q).view(3, 5, 7))  # zero cores at init
+    with pytest.raises(ValueError, match="2 kernel_groups for 3 stages"):
+        lk.LorsWeightGenerator(3, 10, rows=5, cols=7, kernel_groups=[1, 2])
+
+
+@pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # stage 0 has K = 0: no core rows
 def test_compile_fullgraph_lors_adaptive_mixing_cpu():
     torch.manual_seed(0)
     model = lk.LorsAdaptiveMixing(n_stages=2, query_dim=16, in_dim=8, in_points=4, out_points=4, n_groups=2,

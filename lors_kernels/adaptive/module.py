@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from ..lors_linear import make_lors_stack
 from .op import adaptive_mixing, generate_mixing_weights
+from .reference import private_delta
 
 
 def _uniform_fan_in(t: Tensor, fan_in: int) -> None:
@@ -109,7 +110,69 @@ class LorsAdaptiveMixing(nn.Module):
         return (m, s, (self.channel_left[stage], qm, self.channel_right[stage]),
                 (self.spatial_left[stage], qs, self.spatial_right[stage]))
 
+    def lors_stacks(self):
+        """(label, shared parameters, each stage's private parameters) for count_parameters; the output
+        projection is a LorsLinear stack of its own."""
+        private = [[*self.cores[stage].parameters(), self.channel_left[stage], self.channel_right[stage],
+                    self.spatial_left[stage], self.spatial_right[stage]] for stage in range(self.n_stages)]
+        return [("mixing", list(self.generator.parameters()), private)]
+
     def forward(self, stage: int, x: Tensor, query: Tensor) -> Tensor:
         m, s, channel_private, spatial_private = self.generate(stage, query)
         out = adaptive_mixing(x, m, s, channel_private=channel_private, spatial_private=spatial_private)
         return self.norms[stage](query + self.out_proj[stage](out.flatten(2)))
+
+
+class LorsWeightGenerator(nn.Module):
+    """Any per-query generated matrix across ``n_stages`` stages with LORS^A (the paper's §3.2):
+
+        W_l(q) = reshape(q Wgen^T + bgen, [rows, cols]) + sum_{k < K_l} E_{l,k} Q_{l,k}(q) F_{l,k}
+        Q_l(q) = reshape(q Wcore_l^T + bcore_l, [K_l, r, r])
+
+    The generator is shared by every stage; stage l owns its core generator, E [K_l, rows, r] and
+    F [K_l, r, cols]. For generated parameters other than AdaMixer's M and S (which LorsAdaptiveMixing
+    generates fused), e.g. dynamic convolution kernels. forward(stage, query [..., d_q]) -> [..., rows, cols].
+    Init as the paper's: generator as nn.Linear, cores zero, E/F Kaiming-uniform.
+    """
+
+    def __init__(self, n_stages: int, query_dim: int, rows: int, cols: int, rank: int = 16,
+                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), bias: bool = True, device=None, dtype=None):
+        super().__init__()
+        kernel_groups = list(kernel_groups)
+        if len(kernel_groups) != n_stages:
+            raise ValueError(f"LorsWeightGenerator: {len(kernel_groups)} kernel_groups for {n_stages} stages")
+        factory = {"device": device, "dtype": dtype}
+        self.n_stages, self.rows, self.cols, self.rank, self.kernel_groups = n_stages, rows, cols, rank, kernel_groups
+        self.generator = nn.Linear(query_dim, rows * cols, bias=bias, **factory)
+        self.cores = nn.ModuleList(nn.Linear(query_dim, k * rank * rank, bias=bias, **factory) for k in kernel_groups)
+        self.left = nn.ParameterList(nn.Parameter(torch.empty(k, rows, rank, **factory)) for k in kernel_groups)
+        self.right = nn.ParameterList(nn.Parameter(torch.empty(k, rank, cols, **factory)) for k in kernel_groups)
+        self.reset_private_parameters()
+
+    def reset_private_parameters(self) -> None:
+        for stage in range(self.n_stages):
+            nn.init.zeros_(self.cores[stage].weight)
+            if self.cores[stage].bias is not None:
+                nn.init.zeros_(self.cores[stage].bias)
+            _uniform_fan_in(self.left[stage], self.rank)
+            _uniform_fan_in(self.right[stage], self.cols)
+
+    def lors_stacks(self):
+        """(label, shared parameters, each stage's private parameters) for count_parameters."""
+        private = [[*self.cores[stage].parameters(), self.left[stage], self.right[stage]]
+                   for stage in range(self.n_stages)]
+        return [("generator", list(self.generator.parameters()), private)]
+
+    def forward(self, stage: int, query: Tensor) -> Tensor:
+        lead = query.shape[:-1]
+        q = query.reshape(-1, query.shape[-1])
+        weight = self.generator(q).view(-1, self.rows, self.cols)
+        k = self.kernel_groups[stage]
+        if k:
+            cores = self.cores[stage](q).view(-1, k, self.rank, self.rank)
+            weight = weight + private_delta((self.left[stage], cores, self.right[stage]), q.shape[0], 1)[:, 0]
+        return weight.view(*lead, self.rows, self.cols)
+
+    def extra_repr(self) -> str:
+        return (f"n_stages={self.n_stages}, rows={self.rows}, cols={self.cols}, rank={self.rank}, "
+                f"kernel_groups={self.kernel_groups}")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 from torch import Tensor, nn
@@ -61,7 +61,8 @@ class LorsLinear(nn.Module):
 
     def reset_private_parameters(self) -> None:
         """The paper's init: down Kaiming-uniform, up and bias zero (the shared weight is left alone)."""
-        nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+        if self.down.numel():  # rank 0 is a plain shared layer
+            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
         nn.init.zeros_(self.up)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
@@ -126,3 +127,13 @@ def make_lors_stack(n_layers: int, in_features: int, out_features: int, rank: in
         LorsLinear(in_features, out_features, rank=rank, groups=g, bias=bias, shared=shared, scaling=scaling)
         for g in groups
     )
+
+
+def shared_stacks(module: nn.Module) -> List[Tuple[SharedWeight, List[Tuple[str, LorsLinear]]]]:
+    """The LORS^T stacks inside ``module``: its LorsLinear layers, named, grouped by the SharedWeight
+    they use, in module order (conversion, parameter accounting and sharding all start here)."""
+    stacks = {}
+    for name, layer in module.named_modules():
+        if isinstance(layer, LorsLinear):
+            stacks.setdefault(id(layer.shared), (layer.shared, []))[1].append((name, layer))
+    return list(stacks.values())

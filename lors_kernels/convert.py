@@ -1,0 +1,367 @@
+"""Dense stacks to LORS (truncated SVD or feature PCA) and parameter accounting.
+
+``lorsify`` replaces the ``nn.Linear`` layers that a glob pattern names by ``LorsLinear`` layers sharing
+one ``SharedWeight`` (the mean of their weights), each keeping the best rank-R approximation of its
+residual ``W_l - W_shared``: of the weight (``method="svd"``), or of the features the residual adds to
+the layer's outputs on calibration inputs (``method="pca"``, Atomic Feature Mimicking).
+``count_parameters`` counts a model's parameters with each shared one counted once, stack by stack.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .lors_linear.module import LorsLinear, SharedWeight, shared_stacks
+
+__all__ = ["ParameterCount", "StackCount", "StackReport", "count_parameters", "lorsify", "rank_for_ratio"]
+
+
+def rank_for_ratio(in_features: int, out_features: int, kappa: float) -> int:
+    """The private rank that makes a layer's pair ``kappa`` times smaller than its dense weight (PELA's
+    rule): R = floor(in * out / (kappa * (in + out)))."""
+    if not kappa > 0:
+        raise ValueError(f"rank_for_ratio: the compression ratio kappa must be > 0, got {kappa}")
+    # Integer arithmetic where kappa is integral, so that exact quotients do not round down.
+    if float(kappa).is_integer():
+        return in_features * out_features // (int(kappa) * (in_features + out_features))
+    return math.floor(in_features * out_features / (kappa * (in_features + out_features)))
+
+
+def _glob(name: str, pattern: str) -> bool:
+    """Glob over dotted module names: ``*`` (and ``?``, ``[..]``) within one name component, ``**`` any
+    number of components. ``blocks.*.mlp.fc1`` matches ``blocks.3.mlp.fc1``, not ``blocks.3.x.mlp.fc1``."""
+
+    def match(parts, pats):
+        if not pats:
+            return not parts
+        if pats[0] == "**":
+            return any(match(parts[i:], pats[1:]) for i in range(len(parts) + 1))
+        return bool(parts) and fnmatchcase(parts[0], pats[0]) and match(parts[1:], pats[1:])
+
+    return match(name.split(".") if name else [], pattern.split("."))
+
+
+def _stack_name(names: Sequence[str]) -> str:
+    """``blocks.*.mlp.fc1`` for ``blocks.0.mlp.fc1, blocks.1.mlp.fc1``: the components where names differ
+    become ``*`` (names of different depths are joined instead)."""
+    split = [n.split(".") for n in names]
+    if len({len(s) for s in split}) != 1:
+        return ", ".join(names)
+    return ".".join(parts[0] if len(set(parts)) == 1 else "*" for parts in zip(*split))
+
+
+# ---------------------------------------------------------------------------------------------------
+# Parameter accounting
+
+
+@dataclass
+class StackCount:
+    """One stack: parameters every layer uses (counted once) and each layer's own."""
+
+    name: str
+    shared: int
+    private: List[int]
+
+    @property
+    def layers(self) -> int:
+        return len(self.private)
+
+    @property
+    def total(self) -> int:
+        return self.shared + sum(self.private)
+
+    @property
+    def per_layer(self) -> float:
+        """The paper's 'average parameters per layer': shared / L + mean private."""
+        return self.total / max(self.layers, 1)
+
+
+@dataclass
+class ParameterCount:
+    """``total`` counts every parameter once; ``stacks`` breaks the stacked ones down; ``other`` is the rest."""
+
+    total: int
+    stacks: List[StackCount]
+
+    @property
+    def other(self) -> int:
+        return self.total - sum(s.total for s in self.stacks)
+
+    def __str__(self) -> str:
+        rows = [f"{'stack':<40} {'layers':>6} {'shared':>12} {'private':>12} {'per layer':>12}"]
+        rows += [f"{s.name:<40} {s.layers:>6} {s.shared:>12,} {sum(s.private):>12,} {s.per_layer:>12,.0f}"
+                 for s in self.stacks]
+        rows.append(f"total {self.total:,} parameters ({self.other:,} outside stacks)")
+        return "\n".join(rows)
+
+
+def _numel(params: Iterable[Tensor]) -> int:
+    return sum(p.numel() for p in params)
+
+
+def count_parameters(module: nn.Module) -> ParameterCount:
+    """Parameters of ``module`` with every shared tensor counted once, and per-stack averages.
+
+    Stacks are the LorsLinear layers that use one SharedWeight (shared: its weight; private: each
+    layer's down, up, bias) and whatever a module reports through ``lors_stacks()`` (LorsAdaptiveMixing's
+    generator and per-stage cores, LorsWeightGenerator's).
+    """
+    stacks, claimed = [], {}
+    for shared, layers in shared_stacks(module):
+        stacks.append((_stack_name([n for n, _ in layers]), [shared.weight],
+                       [[p for n, p in layer.named_parameters() if not n.startswith("shared.")] for _, layer in layers]))
+    for name, sub in module.named_modules():
+        if hasattr(sub, "lors_stacks"):
+            stacks += [(f"{name}.{label}" if name else label, shared, private)
+                       for label, shared, private in sub.lors_stacks()]
+    counts = []
+    for name, shared, private in stacks:
+        for p in [*shared, *(p for layer in private for p in layer)]:
+            if claimed.setdefault(id(p), name) != name:  # one tensor in two stacks would be counted twice
+                raise ValueError(f"count_parameters: a parameter belongs to two stacks, {claimed[id(p)]} and {name}")
+        counts.append(StackCount(name, _numel(shared), [_numel(layer) for layer in private]))
+    return ParameterCount(_numel(module.parameters()), counts)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Conversion
+
+
+@dataclass
+class StackReport:
+    """What ``lorsify`` did to the layers one pattern matched. Errors are relative Frobenius norms:
+    ``weight_error[l] = |W_l - W_eff| / |W_l|``; with calibration data, ``output_error[l] = |y_lors - y| / |y|``
+    over the layer's inputs in the dense model."""
+
+    pattern: str
+    layers: List[str]
+    in_features: int
+    out_features: int
+    ranks: List[int]
+    method: str
+    params_before: int
+    params_after: int
+    weight_error: List[float]
+    output_error: Optional[List[float]] = None
+
+    def __str__(self) -> str:
+        rows = [f"{self.pattern}: {len(self.layers)} x Linear({self.in_features}, {self.out_features}) -> LORS "
+                f"({self.method}), parameters {self.params_before:,} -> {self.params_after:,} "
+                f"({self.params_after / max(self.params_before, 1):.1%})"]
+        for i, name in enumerate(self.layers):
+            out = "" if self.output_error is None else f"  output error {self.output_error[i]:.2e}"
+            rows.append(f"  {name:<36} rank {self.ranks[i]:>4}  weight error {self.weight_error[i]:.2e}{out}")
+        return "\n".join(rows)
+
+
+def _residual(linear: nn.Linear, shared: SharedWeight) -> Tensor:
+    return linear.weight.detach().double() - shared.weight.detach().double()
+
+
+class _ResidualFeatures:
+    """Running moments of the features a layer's residual adds, z = x (W_l - W_shared)^T, over its
+    calibration inputs, kept in the smaller of the layer's two spaces (inputs x when in <= out, else
+    z itself): float64 sums of u and u u^T, min(in, out)^2 numbers per layer."""
+
+    def __init__(self, linear: nn.Linear, shared: SharedWeight):
+        self.linear, self.shared = linear, shared
+        out, inp = linear.weight.shape
+        self.project = out < inp  # u = z (each batch projected) or u = x
+        d = min(out, inp)
+        self.n = 0
+        self.sum = torch.zeros(d, dtype=torch.float64, device=linear.weight.device)
+        self.outer = torch.zeros(d, d, dtype=torch.float64, device=linear.weight.device)
+
+    def add(self, x: Tensor) -> None:
+        u = x.detach().reshape(-1, x.shape[-1]).double()
+        if self.project:
+            u = u @ _residual(self.linear, self.shared).t()
+        self.n += u.shape[0]
+        self.sum += u.sum(0)
+        self.outer += u.t() @ u
+
+    def principal(self) -> Tuple[Tensor, Tensor]:
+        """(U, mean): the principal directions of z, best first, as columns of U [out, d], and z's mean."""
+        if self.n == 0:
+            raise RuntimeError("lorsify: a matched layer never ran on the calibration data")
+        mean = self.sum / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean)) / self.n
+        evals, evecs = torch.linalg.eigh(cov)
+        factor = evecs * evals.clamp_min(0).sqrt()  # cov(u) = factor factor^T
+        if not self.project:  # cov(z) = R cov(x) R^T = (R factor)(R factor)^T
+            residual = _residual(self.linear, self.shared)
+            factor, mean = residual @ factor, residual @ mean
+        u, _, _ = torch.linalg.svd(factor, full_matrices=False)
+        return u, mean
+
+
+def _batches(calibration):
+    """A Tensor is one batch; anything else is an iterable of batches (Tensor, tuple of args, dict of kwargs)."""
+    return [calibration] if isinstance(calibration, (Tensor, dict)) else calibration
+
+
+@torch.no_grad()
+def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) -> None:
+    """Run the calibration batches through ``model`` (eval mode) with ``hooks[layer](x, y)`` on each layer."""
+    handles = [layer.register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0], out))
+               for layer, fn in hooks.items()]
+    training = model.training
+    model.eval()
+    try:
+        for batch in _batches(calibration):
+            if isinstance(batch, dict):
+                model(**batch)
+            elif isinstance(batch, (tuple, list)):
+                model(*batch)
+            else:
+                model(batch)
+    finally:
+        model.train(training)
+        for h in handles:
+            h.remove()
+
+
+def _matches(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Linear]]:
+    named = [(n, m) for n, m in model.named_modules() if n and _glob(n, pattern)]
+    linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+    if not linears:
+        known = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+        seen = f"; it matches {', '.join(n for n, _ in named[:4])} (not nn.Linear)" if named else ""
+        raise ValueError(f"lorsify: pattern {pattern!r} matches no nn.Linear{seen}. Linear layers: "
+                         + (", ".join(known[:8]) + (", ..." if len(known) > 8 else "") if known else "none"))
+    shapes = {}
+    for n, m in linears:
+        shapes.setdefault((tuple(m.weight.shape), m.weight.dtype, m.weight.device), []).append(n)
+    if len(shapes) > 1:
+        raise ValueError(f"lorsify: pattern {pattern!r} matches layers of different weights; one shared weight "
+                         "needs one shape, dtype and device: "
+                         + "; ".join(f"[{o}, {i}] {d} {dev}: {', '.join(ns)}" for ((o, i), d, dev), ns in shapes.items()))
+    return linears
+
+
+def _per_layer(value, n: int, what: str) -> List[int]:
+    values = [value] * n if isinstance(value, int) else list(value)
+    if len(values) != n or any(not isinstance(v, int) or v < 0 for v in values):
+        raise ValueError(f"lorsify: {what} must be an int >= 0 or one per matched layer ({n}), got {value!r}")
+    return values
+
+
+def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent) if parent else model, child, module)
+
+
+def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional[int] = None,
+            groups: Union[int, Sequence[int]] = 1, method: str = "svd", calibration=None, *,
+            kappa: Optional[float] = None, scaling: float = 1.0) -> Dict[str, StackReport]:
+    """Turn the ``nn.Linear`` stacks of ``model`` that ``targets`` name into LORS stacks, in place.
+
+    targets: glob patterns over module names (``*`` within a name component, ``**`` across them), one
+        shared weight per pattern; every nn.Linear a pattern matches must have one shape.
+    rank, groups: each layer gets ``groups`` private pairs of rank ``rank`` (one pair of rank
+        rank*groups); ``groups`` may list one count per matched layer. Or give ``kappa`` instead of
+        ``rank``: rank*groups = rank_for_ratio(in, out, kappa).
+    method: ``"svd"``, the truncated SVD of W_l - W_shared; ``"pca"``, the principal components U_k of
+        the residual features z = x (W_l - W_shared)^T on the calibration inputs: up = U_k,
+        down = U_k^T (W_l - W_shared), bias += (I - U_k U_k^T) mean(z) (layers without bias keep none).
+    calibration: model inputs, a Tensor or an iterable of batches (Tensor, tuple of args, dict of kwargs);
+        required by ``"pca"``; with it, the report has each layer's relative output error.
+
+    Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
+    fits (and, for "pca", when the calibration inputs span the layer's input space).
+    """
+    if method not in ("svd", "pca"):
+        raise ValueError(f"lorsify: method must be 'svd' or 'pca', got {method!r}")
+    if method == "pca" and calibration is None:
+        raise ValueError("lorsify: method='pca' needs calibration inputs")
+    if (rank is None) == (kappa is None):
+        raise ValueError("lorsify: give exactly one of rank and kappa")
+    patterns = [targets] if isinstance(targets, str) else list(targets)
+    if not patterns:
+        raise ValueError("lorsify: no target patterns given")
+    stacks, owner = {}, {}
+    for pattern in patterns:
+        stacks[pattern] = _matches(model, pattern)
+        for name, _ in stacks[pattern]:
+            if owner.setdefault(name, pattern) != pattern:
+                raise ValueError(f"lorsify: {name} is matched by two patterns, {owner[name]!r} and {pattern!r}")
+
+    plans = []  # (pattern, [(name, linear)], shared, per-layer group counts, per-layer ranks)
+    for pattern, layers in stacks.items():
+        out, inp = layers[0][1].weight.shape
+        group_counts = _per_layer(groups, len(layers), "groups")
+        if kappa is not None:
+            total = rank_for_ratio(inp, out, kappa)
+            ranks = [total // g if g else 0 for g in group_counts]
+        else:
+            ranks = _per_layer(rank, len(layers), "rank")
+        weight = layers[0][1].weight
+        shared = SharedWeight(inp, out, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            shared.weight.copy_(sum(linear.weight.detach().double() for _, linear in layers) / len(layers))
+        plans.append((pattern, layers, shared, group_counts, ranks))
+
+    if method == "pca":
+        features = {linear: _ResidualFeatures(linear, shared) for _, layers, shared, _, _ in plans for _, linear in layers}
+        _calibrate(model, calibration, {linear: (lambda x, y, f=f: f.add(x)) for linear, f in features.items()})
+
+    reports, replacements = {}, {}
+    for pattern, layers, shared, group_counts, ranks in plans:
+        errors = []
+        for (name, linear), g, r in zip(layers, group_counts, ranks):
+            if method == "svd":
+                layer = LorsLinear.from_linear(linear, shared=shared, rank=r, groups=g, scaling=scaling)
+            else:
+                layer = _fit_pca(linear, shared, features[linear], r, g, scaling)
+            w = linear.weight.detach().double()
+            errors.append(((w - layer.effective_weight().detach().double()).norm() / w.norm().clamp_min(1e-30)).item())
+            replacements[name] = (linear, layer)
+        before = sum(_numel(linear.parameters()) for _, linear in layers)
+        after = shared.weight.numel() + sum(_numel(replacements[n][1].parameters()) - shared.weight.numel()
+                                            for n, _ in layers)
+        reports[pattern] = StackReport(pattern, [n for n, _ in layers], layers[0][1].in_features,
+                                       layers[0][1].out_features, [r * g for r, g in zip(ranks, group_counts)],
+                                       method, before, after, errors)
+
+    if calibration is not None:  # each new layer against the dense one, on the dense model's inputs
+        sums = {name: [0.0, 0.0] for name in replacements}
+
+        def compare(name):
+            def hook(x, y):
+                sums[name][0] += (replacements[name][1](x).double() - y.double()).square().sum().item()
+                sums[name][1] += y.double().square().sum().item()
+            return hook
+
+        _calibrate(model, calibration, {linear: compare(name) for name, (linear, _) in replacements.items()})
+        for report in reports.values():
+            report.output_error = [math.sqrt(sums[n][0] / sums[n][1]) if sums[n][1] else 0.0 for n in report.layers]
+
+    for name, (_, layer) in replacements.items():
+        _set_module(model, name, layer)
+    return reports
+
+
+def _fit_pca(linear: nn.Linear, shared: SharedWeight, features: _ResidualFeatures, rank: int, groups: int,
+             scaling: float) -> LorsLinear:
+    """A LorsLinear on ``shared`` whose pair keeps the principal directions of the residual features."""
+    weight = linear.weight
+    layer = LorsLinear(linear.in_features, linear.out_features, rank=rank, groups=groups,
+                       bias=linear.bias is not None, shared=shared, scaling=scaling, device=weight.device,
+                       dtype=weight.dtype)
+    u, mean = features.principal()
+    u = u[:, :rank * groups]
+    keep = u.shape[1]
+    with torch.no_grad():
+        layer.up.zero_()
+        layer.down.zero_()
+        layer.up[:, :keep].copy_(u / scaling)
+        layer.down[:keep].copy_(u.t() @ _residual(linear, shared))
+        if linear.bias is not None:  # the mean the kept directions miss becomes bias
+            layer.bias.copy_(linear.bias.double() + mean - u @ (u.t() @ mean))
+    return layer
