@@ -137,7 +137,7 @@ def count_parameters(module: nn.Module) -> ParameterCount:
 class StackReport:
     """What ``lorsify`` did to the layers one pattern matched. Errors are relative Frobenius norms:
     ``weight_error[l] = |W_l - W_eff| / |W_l|``; with calibration data, ``output_error[l] = |y_lors - y| / |y|``
-    over the layer's inputs in the dense model."""
+    over the layer's inputs in the dense model (nan for a layer the calibration never ran)."""
 
     pattern: str
     layers: List[str]
@@ -202,7 +202,8 @@ class _ResidualFeatures:
 
 
 def _batches(calibration):
-    """A Tensor is one batch; anything else is an iterable of batches (Tensor, tuple of args, dict of kwargs)."""
+    """A Tensor or dict is one batch; anything else is an iterable of batches (Tensor, tuple of args,
+    dict of kwargs)."""
     return [calibration] if isinstance(calibration, (Tensor, dict)) else calibration
 
 
@@ -214,7 +215,7 @@ def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) 
     training = model.training
     model.eval()
     try:
-        for batch in _batches(calibration):
+        for batch in calibration:
             if isinstance(batch, dict):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
@@ -270,7 +271,8 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
     method: ``"svd"``, the truncated SVD of W_l - W_shared; ``"pca"``, the principal components U_k of
         the residual features z = x (W_l - W_shared)^T on the calibration inputs: up = U_k,
         down = U_k^T (W_l - W_shared), bias += (I - U_k U_k^T) mean(z) (layers without bias keep none).
-    calibration: model inputs, a Tensor or an iterable of batches (Tensor, tuple of args, dict of kwargs);
+    calibration: model inputs, a Tensor or an iterable of batches (Tensor, tuple of args, dict of kwargs;
+        a DataLoader of (input, label) pairs would pass the label too: give ``(x for x, _ in loader)``);
         required by ``"pca"``; with it, the report has each layer's relative output error.
 
     Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
@@ -282,6 +284,10 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
         raise ValueError("lorsify: method='pca' needs calibration inputs")
     if (rank is None) == (kappa is None):
         raise ValueError("lorsify: give exactly one of rank and kappa")
+    if calibration is not None:
+        calibration = _batches(calibration)
+        if iter(calibration) is calibration:  # a generator: it is read twice (fit, then errors)
+            calibration = list(calibration)
     patterns = [targets] if isinstance(targets, str) else list(targets)
     if not patterns:
         raise ValueError("lorsify: no target patterns given")
@@ -340,7 +346,8 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
 
         _calibrate(model, calibration, {linear: compare(name) for name, (linear, _) in replacements.items()})
         for report in reports.values():
-            report.output_error = [math.sqrt(sums[n][0] / sums[n][1]) if sums[n][1] else 0.0 for n in report.layers]
+            report.output_error = [math.sqrt(sums[n][0] / sums[n][1]) if sums[n][1] else math.nan
+                                   for n in report.layers]  # nan: the layer never ran (or only output zeros)
 
     for name, (_, layer) in replacements.items():
         _set_module(model, name, layer)

@@ -223,7 +223,8 @@ def test_lorsify_low_precision(dtype):
 
 
 def test_calibration_batch_forms():
-    """A Tensor, a list of Tensors, tuples of positional args and dicts of keyword args all work."""
+    """A Tensor, a list of Tensors, tuples of positional args, dicts of keyword args and a generator
+    (read twice: to fit, then to measure) all work."""
 
     class TwoInputs(nn.Module):
         def __init__(self):
@@ -235,7 +236,7 @@ def test_calibration_batch_forms():
 
     x = torch.randn(64, 12)
     results = []
-    for calibration in (x, [x[:32], x[32:]], [(x[:32], 0.0), (x[32:],)], {"x": x}):
+    for calibration in (x, [x[:32], x[32:]], [(x[:32], 0.0), (x[32:],)], {"x": x}, (b for b in x.split(16))):
         model = TwoInputs()
         report = lorsify(model, "net.blocks.*.mlp.fc1", rank=3, method="pca", calibration=calibration)
         results.append(report["net.blocks.*.mlp.fc1"].output_error)
@@ -311,6 +312,8 @@ def test_lorsify_layer_missed_by_calibration():
     model.spare = nn.Linear(12, 12)  # never called by forward
     with pytest.raises(RuntimeError, match="never ran on the calibration data"):
         lorsify(model, "spare", rank=2, method="pca", calibration=calibration_data(1))
+    report = lorsify(model, "spare", rank=2, calibration=calibration_data(1))["spare"]  # SVD needs no data
+    assert math.isnan(report.output_error[0]) and isinstance(model.spare, lk.LorsLinear)
 
 
 # ---------------------------------------------------------------------------------------------------
