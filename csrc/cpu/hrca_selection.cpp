@@ -246,8 +246,11 @@ void select_topk_pixels(const double* maps, int64_t rows, int64_t lh, int64_t lw
   const Taps ty(hh, lh), tx(hw, lw);
   // Fewer maps than threads (a shared set for one image): each map's rows are split into parts whose
   // k best are merged. The k best are unique (a total order), so the split does not change them.
-  // A thread gets at least kMinPixelsPerThread pixels: below that, starting it costs more than it saves.
-  const int64_t useful = std::max<int64_t>(1, rows * hh * hw / kMinPixelsPerThread);
+  // A thread gets at least kMinPixelsPerThread pixels (below that, starting it costs more than it
+  // saves) and at least 32 k: every part keeps its own k best, and a part with fewer pixels skips too
+  // few blocks to pay for that (Cityscapes, k = 4096: one thread 0.15-0.21 ms, two 0.27-0.28 ms).
+  const int64_t pixels_per_thread = std::max<int64_t>(kMinPixelsPerThread, 32 * k);
+  const int64_t useful = std::max<int64_t>(1, rows * hh * hw / pixels_per_thread);
   const int64_t team = std::min<int64_t>(num_threads, useful);
   const int64_t parts = std::min<int64_t>(hh, rows >= team ? 1 : (team + rows - 1) / rows);
   const int64_t rows_per_part = (hh + parts - 1) / parts;
