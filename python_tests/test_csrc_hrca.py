@@ -213,7 +213,8 @@ def test_attention_errors():
 
 
 def test_public_ops_run_native_on_cpu(monkeypatch):
-    """Automatic choice on CPU: the native kernels (counted), the same numbers as the reference."""
+    """Automatic choice on CPU: the native kernels (counted), the same numbers as the reference; the
+    attention kernel for per-query sets only."""
     calls = []
     for name in ("select_windows_cpu", "select_topk_pixels_cpu", "sparse_attention_forward_cpu"):
         fn = getattr(C, name)
@@ -227,6 +228,11 @@ def test_public_ops_run_native_on_cpu(monkeypatch):
     out = lors_kernels.sparse_cross_attention(q, k, v, index)
     assert_close(out, reference.sparse_cross_attention(q.double(), k.double(), v.double(), index), torch.float32)
     assert calls == ["select_windows_cpu", "select_topk_pixels_cpu", "sparse_attention_forward_cpu"]
+    # a shared set takes the reference's gather + SDPA (measured faster on CPU), unless forced
+    q, k, v, index = attention_inputs(2, 2, 5, 12, 6, 8, False, torch.float32)
+    assert_close(lors_kernels.sparse_cross_attention(q, k, v, index),
+                 reference.sparse_cross_attention(q.double(), k.double(), v.double(), index), torch.float32)
+    assert len(calls) == 3
 
 
 @pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
