@@ -10,8 +10,10 @@ the layer's outputs on calibration inputs (``method="pca"``, Atomic Feature Mimi
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
+from fractions import Fraction
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -27,10 +29,9 @@ def rank_for_ratio(in_features: int, out_features: int, kappa: float) -> int:
     rule): R = floor(in * out / (kappa * (in + out)))."""
     if not kappa > 0:
         raise ValueError(f"rank_for_ratio: the compression ratio kappa must be > 0, got {kappa}")
-    # Integer arithmetic where kappa is integral, so that exact quotients do not round down.
-    if float(kappa).is_integer():
-        return in_features * out_features // (int(kappa) * (in_features + out_features))
-    return math.floor(in_features * out_features / (kappa * (in_features + out_features)))
+    # Exact rational arithmetic (kappa as written: 1.1 is 11/10), so exact quotients do not round down.
+    kappa = Fraction(str(kappa)) if isinstance(kappa, float) else Fraction(kappa)
+    return math.floor(Fraction(in_features * out_features) / (kappa * (in_features + out_features)))
 
 
 def _glob(name: str, pattern: str) -> bool:
@@ -112,7 +113,7 @@ def count_parameters(module: nn.Module) -> ParameterCount:
     layer's down, up, bias) and whatever a module reports through ``lors_stacks()`` (LorsAdaptiveMixing's
     generator and per-stage cores, LorsWeightGenerator's).
     """
-    stacks, claimed = [], {}
+    stacks, claimed, seen = [], {}, set()
     for shared, layers in shared_stacks(module):
         stacks.append((_stack_name([n for n, _ in layers]), [shared.weight],
                        [[p for n, p in layer.named_parameters() if not n.startswith("shared.")] for _, layer in layers]))
@@ -121,11 +122,16 @@ def count_parameters(module: nn.Module) -> ParameterCount:
             stacks += [(f"{name}.{label}" if name else label, shared, private)
                        for label, shared, private in sub.lors_stacks()]
     counts = []
-    for name, shared, private in stacks:
-        for p in [*shared, *(p for layer in private for p in layer)]:
-            if claimed.setdefault(id(p), name) != name:  # one tensor in two stacks would be counted twice
-                raise ValueError(f"count_parameters: a parameter belongs to two stacks, {claimed[id(p)]} and {name}")
-        counts.append(StackCount(name, _numel(shared), [_numel(layer) for layer in private]))
+    for i, (name, shared, private) in enumerate(stacks):
+        sizes = []
+        for params in (shared, *private):  # a tensor counts where it first appears (a bias shared by layers)
+            fresh = [p for p in params if claimed.setdefault(id(p), (i, name))[0] == i and id(p) not in seen]
+            seen.update(id(p) for p in fresh)
+            sizes.append(_numel(fresh))
+            other = [claimed[id(p)][1] for p in params if claimed[id(p)][0] != i]
+            if other:  # one tensor in two stacks would be counted twice
+                raise ValueError(f"count_parameters: a parameter belongs to two stacks, {other[0]} and {name}")
+        counts.append(StackCount(name, sizes[0], sizes[1:]))
     return ParameterCount(_numel(module.parameters()), counts)
 
 
@@ -186,12 +192,14 @@ class _ResidualFeatures:
         self.sum += u.sum(0)
         self.outer += u.t() @ u
 
-    def principal(self) -> Tuple[Tensor, Tensor]:
-        """(U, mean): the principal directions of z, best first, as columns of U [out, d], and z's mean."""
+    def principal(self, centered: bool) -> Tuple[Tensor, Tensor]:
+        """(U, mean): the principal directions of z, best first, as columns of U [out, d], and z's mean.
+        Centered (the mean goes to the bias), or of the second moment when there is no bias to take it."""
         if self.n == 0:
-            raise RuntimeError("lorsify: a matched layer never ran on the calibration data")
+            raise RuntimeError("lorsify: a matched layer never ran on the calibration data (is it called through "
+                               "its forward? nn.MultiheadAttention, for one, reads out_proj.weight directly)")
         mean = self.sum / self.n
-        cov = (self.outer - self.n * torch.outer(mean, mean)) / self.n
+        cov = (self.outer - self.n * torch.outer(mean, mean) if centered else self.outer) / self.n
         evals, evecs = torch.linalg.eigh(cov)
         factor = evecs * evals.clamp_min(0).sqrt()  # cov(u) = factor factor^T
         if not self.project:  # cov(z) = R cov(x) R^T = (R factor)(R factor)^T
@@ -202,35 +210,44 @@ class _ResidualFeatures:
 
 
 def _batches(calibration):
-    """A Tensor or dict is one batch; anything else is an iterable of batches (Tensor, tuple of args,
-    dict of kwargs)."""
-    return [calibration] if isinstance(calibration, (Tensor, dict)) else calibration
+    """A Tensor, a tuple (positional args) or a Mapping (keyword args) is one batch; anything else is an
+    iterable of such batches."""
+    return [calibration] if isinstance(calibration, (Tensor, tuple, Mapping)) else calibration
 
 
 @torch.no_grad()
 def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) -> None:
     """Run the calibration batches through ``model`` (eval mode) with ``hooks[layer](x, y)`` on each layer."""
-    handles = [layer.register_forward_hook(lambda mod, args, out, fn=fn: fn(args[0], out))
+    handles = [layer.register_forward_hook(lambda mod, args, kwargs, out, fn=fn: fn(args[0] if args else kwargs["input"],
+                                                                                   out), with_kwargs=True)
                for layer, fn in hooks.items()]
-    training = model.training
+    modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
         for batch in calibration:
-            if isinstance(batch, dict):
+            if isinstance(batch, Mapping):
                 model(**batch)
             elif isinstance(batch, (tuple, list)):
                 model(*batch)
             else:
                 model(batch)
     finally:
-        model.train(training)
+        for m, training in modes.items():
+            m.training = training
         for h in handles:
             h.remove()
 
 
 def _matches(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Linear]]:
-    named = [(n, m) for n, m in model.named_modules() if n and _glob(n, pattern)]
-    linears = [(n, m) for n, m in named if isinstance(m, nn.Linear)]
+    """The nn.Linear layers whose name (any of their names, when a module is reachable by several)
+    matches: each once, under its first name."""
+    named = [(n, m) for n, m in model.named_modules(remove_duplicate=False) if n and _glob(n, pattern)]
+    unique = {}
+    for n, m in named:
+        if isinstance(m, nn.Linear):
+            unique.setdefault(id(m), (n, m))
+    order = _first_name(model)
+    linears = sorted(unique.values(), key=lambda item: order[id(item[1])])
     if not linears:
         known = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
         seen = f"; it matches {', '.join(n for n, _ in named[:4])} (not nn.Linear)" if named else ""
@@ -246,6 +263,11 @@ def _matches(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Linear]]:
     return linears
 
 
+def _first_name(model: nn.Module) -> Dict[int, int]:
+    """Module order: each module's position in named_modules() (its first name)."""
+    return {id(m): i for i, (_, m) in enumerate(model.named_modules())}
+
+
 def _per_layer(value, n: int, what: str) -> List[int]:
     values = [value] * n if isinstance(value, int) else list(value)
     if len(values) != n or any(not isinstance(v, int) or v < 0 for v in values):
@@ -253,9 +275,12 @@ def _per_layer(value, n: int, what: str) -> List[int]:
     return values
 
 
-def _set_module(model: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, module)
+def _replace(model: nn.Module, new: Dict[int, nn.Module]) -> None:
+    """Put new[id(old)] wherever ``model`` holds old, under every name it has."""
+    for name, old in list(model.named_modules(remove_duplicate=False)):
+        if name and id(old) in new:
+            parent, _, child = name.rpartition(".")
+            setattr(model.get_submodule(parent) if parent else model, child, new[id(old)])
 
 
 def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional[int] = None,
@@ -266,14 +291,17 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
     targets: glob patterns over module names (``*`` within a name component, ``**`` across them), one
         shared weight per pattern; every nn.Linear a pattern matches must have one shape.
     rank, groups: each layer gets ``groups`` private pairs of rank ``rank`` (one pair of rank
-        rank*groups); ``groups`` may list one count per matched layer. Or give ``kappa`` instead of
-        ``rank``: rank*groups = rank_for_ratio(in, out, kappa).
+        rank*groups); either may list one value per matched layer. Or give ``kappa`` instead of
+        ``rank``: rank = rank_for_ratio(in, out, kappa) // groups. rank*groups may not exceed
+        min(in, out) (the pair would outgrow the dense weight for nothing).
     method: ``"svd"``, the truncated SVD of W_l - W_shared; ``"pca"``, the principal components U_k of
         the residual features z = x (W_l - W_shared)^T on the calibration inputs: up = U_k,
         down = U_k^T (W_l - W_shared), bias += (I - U_k U_k^T) mean(z) (layers without bias keep none).
-    calibration: model inputs, a Tensor or an iterable of batches (Tensor, tuple of args, dict of kwargs;
-        a DataLoader of (input, label) pairs would pass the label too: give ``(x for x, _ in loader)``);
-        required by ``"pca"``; with it, the report has each layer's relative output error.
+    calibration: model inputs: one batch (a Tensor, a tuple of positional args, a Mapping of keyword
+        args) or an iterable of batches (a list, a DataLoader, a generator: it is read once and kept). A
+        DataLoader of (input, label) pairs would pass the label too: give ``(x for x, _ in loader)``.
+        Required by ``"pca"``; with it, the report has each layer's relative output error.
+    scaling: the LorsLinear layers' scaling (non-zero); requires_grad is carried over from each layer.
 
     Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
     fits (and, for "pca", when the calibration inputs span the layer's input space).
@@ -284,6 +312,8 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
         raise ValueError("lorsify: method='pca' needs calibration inputs")
     if (rank is None) == (kappa is None):
         raise ValueError("lorsify: give exactly one of rank and kappa")
+    if not scaling:
+        raise ValueError("lorsify: scaling must be non-zero")
     if calibration is not None:
         calibration = _batches(calibration)
         if iter(calibration) is calibration:  # a generator: it is read twice (fit, then errors)
@@ -307,10 +337,15 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
             ranks = [total // g if g else 0 for g in group_counts]
         else:
             ranks = _per_layer(rank, len(layers), "rank")
+        too_big = [(n, r * g) for (n, _), r, g in zip(layers, ranks, group_counts) if r * g > min(inp, out)]
+        if too_big:
+            raise ValueError(f"lorsify: pattern {pattern!r}: rank*groups {too_big[0][1]} for {too_big[0][0]} exceeds "
+                             f"min(in, out) = {min(inp, out)} of Linear({inp}, {out})")
         weight = layers[0][1].weight
         shared = SharedWeight(inp, out, device=weight.device, dtype=weight.dtype)
         with torch.no_grad():
             shared.weight.copy_(sum(linear.weight.detach().double() for _, linear in layers) / len(layers))
+        shared.weight.requires_grad_(any(linear.weight.requires_grad for _, linear in layers))
         plans.append((pattern, layers, shared, group_counts, ranks))
 
     if method == "pca":
@@ -325,6 +360,10 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
                 layer = LorsLinear.from_linear(linear, shared=shared, rank=r, groups=g, scaling=scaling)
             else:
                 layer = _fit_pca(linear, shared, features[linear], r, g, scaling)
+            layer.down.requires_grad_(linear.weight.requires_grad)
+            layer.up.requires_grad_(linear.weight.requires_grad)
+            if linear.bias is not None:
+                layer.bias.requires_grad_(linear.bias.requires_grad)
             w = linear.weight.detach().double()
             errors.append(((w - layer.effective_weight().detach().double()).norm() / w.norm().clamp_min(1e-30)).item())
             replacements[name] = (linear, layer)
@@ -336,21 +375,21 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
                                        method, before, after, errors)
 
     if calibration is not None:  # each new layer against the dense one, on the dense model's inputs
-        sums = {name: [0.0, 0.0] for name in replacements}
+        sums = {name: [0, 0] for name in replacements}  # |y_lors - y|^2, |y|^2 (tensors: no sync per call)
 
         def compare(name):
             def hook(x, y):
-                sums[name][0] += (replacements[name][1](x).double() - y.double()).square().sum().item()
-                sums[name][1] += y.double().square().sum().item()
+                with torch.no_grad():
+                    sums[name][0] = sums[name][0] + (replacements[name][1](x).double() - y.double()).square().sum()
+                sums[name][1] = sums[name][1] + y.double().square().sum()
             return hook
 
         _calibrate(model, calibration, {linear: compare(name) for name, (linear, _) in replacements.items()})
         for report in reports.values():
-            report.output_error = [math.sqrt(sums[n][0] / sums[n][1]) if sums[n][1] else math.nan
+            report.output_error = [math.sqrt(float(sums[n][0]) / float(sums[n][1])) if float(sums[n][1]) else math.nan
                                    for n in report.layers]  # nan: the layer never ran (or only output zeros)
 
-    for name, (_, layer) in replacements.items():
-        _set_module(model, name, layer)
+    _replace(model, {id(linear): layer for linear, layer in replacements.values()})
     return reports
 
 
@@ -361,7 +400,7 @@ def _fit_pca(linear: nn.Linear, shared: SharedWeight, features: _ResidualFeature
     layer = LorsLinear(linear.in_features, linear.out_features, rank=rank, groups=groups,
                        bias=linear.bias is not None, shared=shared, scaling=scaling, device=weight.device,
                        dtype=weight.dtype)
-    u, mean = features.principal()
+    u, mean = features.principal(centered=linear.bias is not None)
     u = u[:, :rank * groups]
     keep = u.shape[1]
     with torch.no_grad():

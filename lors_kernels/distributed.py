@@ -31,23 +31,26 @@ from .lors_linear.module import shared_stacks
 
 __all__ = ["shard_lors_model"]
 
-UnitSpec = Union[None, type, tuple, Callable[[str, nn.Module], bool], Collection[str]]
+UnitSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Collection[Union[str, type]]]
 
 
 def _is_unit(units: UnitSpec, name: str, module: nn.Module) -> bool:
+    """units: a module name, a class, fn(name, module) -> bool, or a collection of names and classes."""
     if units is None:
         return False
-    if isinstance(units, type) or (isinstance(units, tuple) and all(isinstance(u, type) for u in units)):
-        return isinstance(module, units)
-    if callable(units):
+    if isinstance(units, (str, type)):
+        units = [units]
+    elif callable(units):
         return bool(units(name, module))
-    return name in units
+    return any(name == u if isinstance(u, str) else isinstance(module, u) for u in units)
 
 
-def _is_sharded(param) -> bool:
+def _is_sharded(module: nn.Module) -> bool:
+    """Already a unit, or every parameter it holds taken by inner units (then wrapping it adds nothing)."""
+    from torch.distributed.fsdp import FSDPModule
     from torch.distributed.tensor import DTensor
 
-    return isinstance(param, DTensor)
+    return isinstance(module, FSDPModule) or all(isinstance(p, DTensor) for p in module.parameters())
 
 
 def shard_lors_model(model: nn.Module, *, units: UnitSpec = None, **fully_shard_kwargs) -> nn.Module:
@@ -57,22 +60,23 @@ def shard_lors_model(model: nn.Module, *, units: UnitSpec = None, **fully_shard_
        unit, ``fully_shard([layer_0, ..., layer_L-1])``: its shared weight and private pairs are gathered
        once, before the first of its layers runs, and reduce-scattered once after the backward.
     2. Each module holding a LORS^A stack (LorsAdaptiveMixing, LorsWeightGenerator) becomes a unit.
-    3. ``units`` (a class or tuple of classes, names, or ``fn(name, module) -> bool``; e.g. the transformer
-       blocks) become units, innermost first; each takes the parameters the stacks left, and one whose
-       parameters are all taken already is skipped.
-    4. ``model`` itself becomes the root unit.
+    3. ``units`` (a module name, a class, a collection of names and classes, or ``fn(name, module) ->
+       bool``; e.g. the transformer blocks) become units, innermost first; each takes the parameters
+       the stacks left, and one with no parameters left (or none at all) is skipped.
+    4. ``model`` itself becomes the root unit (unless it is one already, e.g. a single stack).
 
     ``fully_shard_kwargs`` (mesh, reshard_after_forward, mp_policy, offload_policy) go to every call.
     Call it after ``torch.distributed`` is initialized and before building the optimizer. Returns model.
     """
-    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.fsdp import FSDPModule, fully_shard
 
     for _, layers in shared_stacks(model):
         fully_shard([layer for _, layer in layers], **fully_shard_kwargs)
     picked = [(name, module) for name, module in model.named_modules()
               if module is not model and (hasattr(module, "lors_stacks") or _is_unit(units, name, module))]
     for _, module in sorted(picked, key=lambda item: -item[0].count(".")):
-        if not all(_is_sharded(p) for p in module.parameters()):
+        if not _is_sharded(module):
             fully_shard(module, **fully_shard_kwargs)
-    fully_shard(model, **fully_shard_kwargs)
+    if not isinstance(model, FSDPModule):
+        fully_shard(model, **fully_shard_kwargs)
     return model

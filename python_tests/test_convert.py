@@ -2,6 +2,7 @@
 
 import copy
 import math
+from collections import UserDict
 
 import pytest
 import torch
@@ -86,10 +87,11 @@ def layer_inputs(model, names, batches):
     (100, 100, 2.5, 20),     # fractional kappa, exact quotient
     (64, 64, 3, 10),         # 10.67
     (16, 16, 100, 0),
+    (88, 88, 1.1, 40),       # 7744 / 193.6 = 40 exactly: float division gives 39.99...
+    (300, 200, 0.5, 240),
 ], ids=lambda v: str(v))
 def test_rank_for_ratio(inp, out, kappa, rank):
     assert rank_for_ratio(inp, out, kappa) == rank
-    assert rank_for_ratio(inp, out, kappa) == math.floor(inp * out / (kappa * (inp + out)) + 1e-9)
 
 
 @pytest.mark.parametrize("kappa", [0, -1.5])
@@ -140,7 +142,7 @@ def test_lorsify_error_decreases_with_rank(method):
     dense = Net(seed=3)
     batches = calibration_data()
     errors = []
-    for rank in (0, 1, 2, 4, 8, 12, 20):
+    for rank in (0, 1, 2, 4, 8, 12):
         reports = lorsify(copy.deepcopy(dense), "blocks.*.mlp.fc1", rank=rank, method=method, calibration=batches)
         r = reports["blocks.*.mlp.fc1"]
         # SVD is optimal for the weight, PCA for the features on the calibration data
@@ -149,6 +151,36 @@ def test_lorsify_error_decreases_with_rank(method):
         curve = [e[layer] for e in errors]
         assert all(b <= a + 1e-9 for a, b in zip(curve, curve[1:])), curve
         assert curve[0] > 0.1 and curve[-1] < 1e-6, curve  # rank 12 = min(in, out) is exact
+
+
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("dim_out", [6, 20], ids=["out<in", "out>in"])
+def test_pca_is_the_optimal_fit_of_the_residual_features(bias, dim_out):
+    """Against an SVD of the features themselves: with a bias, PCA's error is that of the best rank-k
+    fit of the centered residual features (the mean goes to the bias); without one, of the features
+    uncentered. Inputs far from zero-mean make the two differ. Both input/output space branches."""
+    torch.manual_seed(0)
+
+    class Parallel(nn.ModuleList):
+        def forward(self, x):
+            return sum(layer(x) for layer in self)
+
+    model = Parallel(nn.Linear(12, dim_out, bias=bias) for _ in range(3))
+    batches = [torch.randn(64, 12) * torch.linspace(0.1, 2, 12) + 3 for _ in range(4)]
+    x = torch.cat(batches).double()
+    dense = copy.deepcopy(model)
+    report = lorsify(model, "*", rank=2, method="pca", calibration=batches)["*"]
+    shared = model[0].shared.weight.double()
+    for i, layer in enumerate(dense):
+        z = x @ (layer.weight.double() - shared).t()
+        if bias:
+            z = z - z.mean(0)
+        sigma = torch.linalg.svdvals(z)
+        y = layer(x.float()).double()
+        best = (sigma[2:].square().sum() / y.square().sum()).sqrt().item()
+        assert report.output_error[i] == pytest.approx(best, rel=1e-5, abs=1e-7)
+    svd = lorsify(copy.deepcopy(dense), "*", rank=2, calibration=batches)["*"]
+    assert all(p <= s + 1e-9 for p, s in zip(report.output_error, svd.output_error))
 
 
 def test_pca_beats_svd_on_the_calibration_features():
@@ -192,6 +224,46 @@ def test_lorsify_report(method):
     assert "blocks.*.mlp.fc2" in text and "blocks.3.mlp.fc2" in text and "output error" in text
 
 
+@pytest.mark.parametrize("method", ["svd", "pca"])
+def test_lorsify_scaling(method):
+    """A scaling other than 1 divides up: the function is kept exactly."""
+    model = Net(residual_rank=2)
+    dense = copy.deepcopy(model)
+    batches = calibration_data()
+    lorsify(model, "blocks.*.mlp.fc1", rank=8, method=method, calibration=batches, scaling=0.25)
+    assert model.blocks[1].mlp.fc1.scaling == 0.25
+    x = torch.randn(16, 12)
+    assert rel_err(model(x), dense(x)) < RTOL[torch.float32]
+
+
+def test_lorsify_keeps_modes_freezing_and_aliases():
+    """Submodules keep their own train/eval mode; frozen layers stay frozen; a layer reachable under
+    two names is replaced under both; a layer called with input= works."""
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.layers = nn.ModuleList(nn.Linear(8, 8) for _ in range(3))
+            self.alias = self.layers[1]
+            self.norm = nn.BatchNorm1d(8)
+
+        def forward(self, x):
+            for layer in self.layers:
+                x = layer(input=self.norm(x))
+            return x
+
+    model = Model().train()
+    model.norm.eval()
+    model.layers[0].requires_grad_(False)
+    reports = lorsify(model, "layers.*", rank=2, method="pca", calibration=torch.randn(32, 8))
+    assert reports["layers.*"].layers == ["layers.0", "layers.1", "layers.2"]
+    assert model.training and not model.norm.training
+    assert model.alias is model.layers[1] and isinstance(model.alias, lk.LorsLinear)
+    first, second = model.layers[0], model.layers[1]
+    assert not first.down.requires_grad and not first.up.requires_grad and not first.bias.requires_grad
+    assert second.down.requires_grad and first.shared.weight.requires_grad  # used by trainable layers too
+
+
 def test_lorsify_without_calibration_reports_no_output_error():
     report = lorsify(Net(), "blocks.*.proj", rank=2)["blocks.*.proj"]
     assert report.output_error is None and len(report.weight_error) == 4
@@ -223,8 +295,8 @@ def test_lorsify_low_precision(dtype):
 
 
 def test_calibration_batch_forms():
-    """A Tensor, a list of Tensors, tuples of positional args, dicts of keyword args and a generator
-    (read twice: to fit, then to measure) all work."""
+    """A Tensor, a list of Tensors, tuples of positional args, dicts of keyword args, a generator (read
+    twice: to fit, then to measure), one tuple and one Mapping (a tokenizer's BatchEncoding is one)."""
 
     class TwoInputs(nn.Module):
         def __init__(self):
@@ -236,7 +308,8 @@ def test_calibration_batch_forms():
 
     x = torch.randn(64, 12)
     results = []
-    for calibration in (x, [x[:32], x[32:]], [(x[:32], 0.0), (x[32:],)], {"x": x}, (b for b in x.split(16))):
+    for calibration in (x, [x[:32], x[32:]], [(x[:32], 0.0), (x[32:],)], {"x": x}, (b for b in x.split(16)),
+                        (x, 0.0), UserDict(x=x)):
         model = TwoInputs()
         report = lorsify(model, "net.blocks.*.mlp.fc1", rank=3, method="pca", calibration=calibration)
         results.append(report["net.blocks.*.mlp.fc1"].output_error)
@@ -290,8 +363,11 @@ def test_hf_style_names_and_globs():
     (dict(targets="blocks.*.proj", rank=2, method="pca"), ValueError, "needs calibration"),
     (dict(targets="blocks.*.proj", rank=2, groups=[1, 2]), ValueError, r"groups must be .* one per matched layer \(4\)"),
     (dict(targets="blocks.*.proj", rank=-1), ValueError, "rank must be"),
+    (dict(targets="blocks.*.proj", rank=7, groups=2), ValueError, r"rank\*groups 14 for blocks.0.proj exceeds min"),
+    (dict(targets="blocks.*.proj", rank=2, scaling=0.0), ValueError, "scaling must be non-zero"),
 ], ids=["no-match", "non-linear", "mixed-shapes", "two-patterns", "no-patterns", "no-rank",
-        "rank-and-kappa", "bad-method", "pca-no-calibration", "groups-length", "negative-rank"])
+        "rank-and-kappa", "bad-method", "pca-no-calibration", "groups-length", "negative-rank", "rank-too-big",
+        "zero-scaling"])
 def test_lorsify_errors(kwargs, error, match):
     model = Net()
     before = {n: type(m) for n, m in model.named_modules()}
@@ -361,6 +437,16 @@ def test_count_parameters_counts_shared_once():
     (s,) = count.stacks
     assert s.name == "*" and s.shared == 32 and s.private == [28, 52, 28] and s.per_layer == pytest.approx(140 / 3)
     assert "per layer" in str(count) and "140" in str(count)
+
+
+def test_count_parameters_tensor_shared_within_a_stack():
+    """Layers of one stack that also share their bias: the bias counts once, where it first appears."""
+    stack = lk.make_lors_stack(3, 8, 4, rank=2)
+    for layer in stack[1:]:
+        layer.bias = stack[0].bias
+    count = count_parameters(stack)
+    assert count.total == sum(p.numel() for p in stack.parameters()) == 32 + 3 * 24 + 4
+    assert count.stacks[0].private == [28, 24, 24] and count.other == 0
 
 
 def test_count_parameters_stacks_and_other():

@@ -70,6 +70,22 @@ class MixNet(nn.Module):
         return self.head(query[:, 0])
 
 
+class OneLayer(lk.LorsLinear):
+    """A model that is one LorsLinear: the whole model is a stack (shard_lors_model must not wrap it twice)."""
+
+    def __init__(self):
+        torch.manual_seed(0)
+        super().__init__(12, 3, rank=2)
+        nn.init.normal_(self.up, std=0.2)
+
+    def forward(self, x, skip=None):
+        return super().forward(x)
+
+
+MODELS = {"stacks": Net, "blocks": Net, "names": Net, "adaptive": MixNet, "layer": OneLayer}
+UNITS = {"blocks": Block, "names": ["blocks.0", "blocks.1", "blocks.2"]}
+
+
 def batches(steps=2):
     g = torch.Generator().manual_seed(1)
     return [torch.randn(BATCH, 12, generator=g) for _ in range(steps)]
@@ -152,9 +168,10 @@ def fsdp_worker(rank, tmp, units):
     from lors_kernels.distributed import shard_lors_model
 
     init(rank, tmp)
-    model = MixNet() if units == "adaptive" else Net()
-    shard_lors_model(model, units=Block if units == "blocks" else None, mesh=init_device_mesh("cpu", (WORLD,)))
-    shared = model.mixer.generator.weight if units == "adaptive" else model.blocks[0].fc1.shared.weight
+    model = MODELS[units]()
+    shard_lors_model(model, units=UNITS.get(units), mesh=init_device_mesh("cpu", (WORLD,)))
+    shared = {"adaptive": lambda: model.mixer.generator.weight, "layer": lambda: model.shared.weight}.get(
+        units, lambda: model.blocks[0].fc1.shared.weight)()
     sharded = {"shared": tuple(shared.to_local().shape), "full": tuple(shared.full_tensor().shape)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = None
@@ -201,12 +218,25 @@ def test_ddp_reentrant_checkpoint_fails_as_documented(tmp_path):
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
-@pytest.mark.parametrize("units", ["stacks", "blocks", "adaptive"])
+@pytest.mark.parametrize("units", list(MODELS))
 def test_fsdp2_shard_lors_model(units, tmp_path):
-    """shard_lors_model: each stack one FSDP2 unit (and, with units=Block, every block one more;
-    'adaptive' is a LorsAdaptiveMixing); gradients and two SGD steps equal the single process's."""
+    """shard_lors_model: each stack one FSDP2 unit (and every block one more, chosen by class or by
+    name; 'adaptive' is a LorsAdaptiveMixing, 'layer' a model that is one LorsLinear); gradients and
+    two SGD steps equal the single process's."""
     results = run_workers(fsdp_worker, tmp_path, units)
-    grads, params = single_process(MixNet() if units == "adaptive" else Net(), [None, None])
+    grads, params = single_process(MODELS[units](), [None, None])
     assert_matches(results, grads, params)
-    rows = 2 * (4 * 4 + 4 * 4) if units == "adaptive" else 20  # the shared weight's first dimension
-    assert all(r["sharded"]["full"][0] == rows and r["sharded"]["shared"][0] == rows // 2 for r in results)
+    rows = {"adaptive": 2 * (4 * 4 + 4 * 4), "layer": 3}.get(units, 20)  # the shared weight's first dimension
+    assert all(r["sharded"]["full"][0] == rows for r in results)  # sharded: each rank holds its rows only
+    assert sum(r["sharded"]["shared"][0] for r in results) == rows
+
+
+def test_unit_selection():
+    from lors_kernels.distributed import _is_unit
+
+    block, linear = Block(nn.Linear(12, 20), nn.Linear(20, 12)), nn.Linear(2, 2)
+    assert _is_unit(Block, "blocks.1", block) and not _is_unit(Block, "head", linear)
+    assert _is_unit("blocks.1", "blocks.1", block) and not _is_unit("blocks.10", "blocks.1", block)
+    assert _is_unit(["blocks.0", nn.Linear], "head", linear) and _is_unit((Block,), "x", block)
+    assert _is_unit(lambda name, m: name.startswith("blocks."), "blocks.2", block)
+    assert not _is_unit(None, "blocks.1", block) and not _is_unit([], "blocks.1", block)
