@@ -144,7 +144,8 @@ at::Tensor select_topk_pixels_cpu(const at::Tensor& scores, int64_t lh, int64_t 
   at::Tensor maps;
   {
     c10::ParallelGuard serial(true);
-    maps = (per_query ? scores.to(at::kDouble).reshape({-1, lh * lw}) : at::sum(scores, {1}, false, at::kDouble)).contiguous();
+    maps = per_query ? scores.to(at::kDouble).reshape({-1, lh * lw}) : at::sum(scores, {1}, false, at::kDouble);
+    maps = maps.contiguous();
   }
   std::vector<int64_t> shape{scores.size(0)};
   if (per_query) shape.push_back(scores.size(1));
@@ -391,14 +392,29 @@ T* mutable_data_of(const at::Tensor& t) {
   return t.defined() ? reinterpret_cast<T*>(t.data_ptr()) : nullptr;
 }
 
-// out [BN, G, P_out, C_out] = relu(LN(S_eff @ relu(LN(x @ M_eff)))), M_eff and S_eff with their private parts.
+// pre1 = x @ M_eff as the kernels save and read it: float32, contiguous, [BN, G, P_in, C_out].
+const float* pre1_of(const char* op, const std::optional<at::Tensor>& pre1,
+                     const lors_kernels::cpu::AdaptiveMixingSizes& z) {
+  if (!pre1.has_value()) return nullptr;
+  const at::Tensor& t = *pre1;
+  TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
+                        t.sizes() == at::IntArrayRef({z.bn, z.groups, z.p_in, z.c_out}),
+                    op, ": pre1 must be a contiguous float32 CPU tensor [", z.bn, ", ", z.groups, ", ", z.p_in, ", ",
+                    z.c_out, "], got ", t.scalar_type(), " ", shape_of(t));
+  return t.data_ptr<float>();
+}
+
+// out [BN, G, P_out, C_out] = relu(LN(S_eff @ relu(LN(x @ M_eff)))), M_eff and S_eff with their private parts;
+// x @ M_eff also written to pre1 when given (for the backward).
 at::Tensor adaptive_mixing_forward_cpu(const at::Tensor& x, const at::Tensor& m, const at::Tensor& s,
                                        const std::optional<at::Tensor>& em, const std::optional<at::Tensor>& qm,
                                        const std::optional<at::Tensor>& fm, const std::optional<at::Tensor>& es,
                                        const std::optional<at::Tensor>& qs, const std::optional<at::Tensor>& fs,
-                                       double eps) {
-  const MixingInputs in = mixing_inputs("adaptive_mixing_forward_cpu", nullptr, x, m, s, em, qm, fm, es, qs, fs);
+                                       double eps, const std::optional<at::Tensor>& pre1) {
+  const char* op = "adaptive_mixing_forward_cpu";
+  const MixingInputs in = mixing_inputs(op, nullptr, x, m, s, em, qm, fm, es, qs, fs);
   const auto& z = in.sizes;
+  float* const saved = const_cast<float*>(pre1_of(op, pre1, z));
   at::Tensor out = at::empty({z.bn, z.groups, z.p_out, z.c_out}, in.x.options());
   const int threads = at::get_num_threads();
 
@@ -407,8 +423,8 @@ at::Tensor adaptive_mixing_forward_cpu(const at::Tensor& x, const at::Tensor& m,
   const auto run = [&](auto kernel, auto tag) {
     using T = decltype(tag);
     kernel(data_of<T>(in.x), data_of<T>(in.m), data_of<T>(in.s), data_of<T>(in.em), data_of<T>(in.qm),
-           data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), mutable_data_of<T>(out), z,
-           static_cast<float>(eps), threads);
+           data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), mutable_data_of<T>(out), saved,
+           z, static_cast<float>(eps), threads);
   };
   if (x.scalar_type() == at::kFloat) {
     run(lors_kernels::cpu::adaptive_mixing_forward_f32, float{});
@@ -419,12 +435,15 @@ at::Tensor adaptive_mixing_forward_cpu(const at::Tensor& x, const at::Tensor& m,
 }
 
 // [dx, dM, dS, dE^M, dQ^M, dF^M, dE^S, dQ^S, dF^S]; None for the gradients of an absent private part.
+// pre1: the forward's, if it saved it (else recomputed).
 std::vector<at::Tensor> adaptive_mixing_backward_cpu(
     const at::Tensor& dout, const at::Tensor& x, const at::Tensor& m, const at::Tensor& s,
     const std::optional<at::Tensor>& em, const std::optional<at::Tensor>& qm, const std::optional<at::Tensor>& fm,
     const std::optional<at::Tensor>& es, const std::optional<at::Tensor>& qs, const std::optional<at::Tensor>& fs,
-    double eps) {
-  const MixingInputs in = mixing_inputs("adaptive_mixing_backward_cpu", &dout, x, m, s, em, qm, fm, es, qs, fs);
+    double eps, const std::optional<at::Tensor>& pre1) {
+  const char* op = "adaptive_mixing_backward_cpu";
+  const MixingInputs in = mixing_inputs(op, &dout, x, m, s, em, qm, fm, es, qs, fs);
+  const float* const saved = pre1_of(op, pre1, in.sizes);
   const at::Tensor dout_c = dout.contiguous();
   const auto like = [](const at::Tensor& t) { return t.defined() ? at::empty(t.sizes(), t.options()) : at::Tensor(); };
   std::vector<at::Tensor> grads{like(in.x),  like(in.m),  like(in.s),  like(in.em), like(in.qm),
@@ -435,7 +454,7 @@ std::vector<at::Tensor> adaptive_mixing_backward_cpu(
   const auto run = [&](auto kernel, auto tag) {
     using T = decltype(tag);
     kernel(data_of<T>(dout_c), data_of<T>(in.x), data_of<T>(in.m), data_of<T>(in.s), data_of<T>(in.em),
-           data_of<T>(in.qm), data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs),
+           data_of<T>(in.qm), data_of<T>(in.fm), data_of<T>(in.es), data_of<T>(in.qs), data_of<T>(in.fs), saved,
            mutable_data_of<T>(grads[0]), mutable_data_of<T>(grads[1]), mutable_data_of<T>(grads[2]),
            mutable_data_of<T>(grads[3]), mutable_data_of<T>(grads[4]), mutable_data_of<T>(grads[5]),
            mutable_data_of<T>(grads[6]), mutable_data_of<T>(grads[7]), mutable_data_of<T>(grads[8]), in.sizes,
@@ -485,13 +504,16 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
   m.def("adaptive_mixing_forward_cpu", &adaptive_mixing_forward_cpu, pybind11::arg("x"), pybind11::arg("M"),
         pybind11::arg("S"), pybind11::arg("em"), pybind11::arg("qm"), pybind11::arg("fm"), pybind11::arg("es"),
-        pybind11::arg("qs"), pybind11::arg("fs"), pybind11::arg("eps"),
+        pybind11::arg("qs"), pybind11::arg("fs"), pybind11::arg("eps"), pybind11::arg("pre1") = pybind11::none(),
         "Adaptive mixing forward on CPU: x [BN, G, P_in, C_in], M [BN, G, C_in, C_out], S [BN, G, P_out, P_in], "
         "optional private parts (E, Q, F) or None -> out [BN, G, P_out, C_out]; float32 or bfloat16. One "
-        "(query, group) tile at a time, in cache.");
+        "(query, group) tile at a time, in cache. pre1: a float32 [BN, G, P_in, C_out] tensor to save x @ M_eff "
+        "into, for the backward.");
   m.def("adaptive_mixing_backward_cpu", &adaptive_mixing_backward_cpu, pybind11::arg("dout"), pybind11::arg("x"),
         pybind11::arg("M"), pybind11::arg("S"), pybind11::arg("em"), pybind11::arg("qm"), pybind11::arg("fm"),
         pybind11::arg("es"), pybind11::arg("qs"), pybind11::arg("fs"), pybind11::arg("eps"),
-        "Adaptive mixing backward on CPU (recomputes the forward per tile): [dx, dM, dS, dE^M, dQ^M, dF^M, dE^S, "
-        "dQ^S, dF^S], None for an absent private part; dE and dF bitwise independent of the thread count.");
+        pybind11::arg("pre1") = pybind11::none(),
+        "Adaptive mixing backward on CPU (recomputes the forward per tile, reading x @ M_eff from pre1 when the "
+        "forward saved it): [dx, dM, dS, dE^M, dQ^M, dF^M, dE^S, dQ^S, dF^S], None for an absent private part; dE "
+        "and dF bitwise independent of the thread count.");
 }

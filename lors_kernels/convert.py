@@ -115,8 +115,8 @@ def count_parameters(module: nn.Module) -> ParameterCount:
     """
     stacks, claimed, seen = [], {}, set()
     for shared, layers in shared_stacks(module):
-        stacks.append((_stack_name([n for n, _ in layers]), [shared.weight],
-                       [[p for n, p in layer.named_parameters() if not n.startswith("shared.")] for _, layer in layers]))
+        private = [[p for n, p in layer.named_parameters() if not n.startswith("shared.")] for _, layer in layers]
+        stacks.append((_stack_name([n for n, _ in layers]), [shared.weight], private))
     for name, sub in module.named_modules():
         if hasattr(sub, "lors_stacks"):
             stacks += [(f"{name}.{label}" if name else label, shared, private)
@@ -218,9 +218,10 @@ def _batches(calibration):
 @torch.no_grad()
 def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) -> None:
     """Run the calibration batches through ``model`` (eval mode) with ``hooks[layer](x, y)`` on each layer."""
-    handles = [layer.register_forward_hook(lambda mod, args, kwargs, out, fn=fn: fn(args[0] if args else kwargs["input"],
-                                                                                   out), with_kwargs=True)
-               for layer, fn in hooks.items()]
+    def hook(fn):  # nn.Linear.forward(input): positional or by keyword
+        return lambda mod, args, kwargs, out: fn(args[0] if args else kwargs["input"], out)
+
+    handles = [layer.register_forward_hook(hook(fn), with_kwargs=True) for layer, fn in hooks.items()]
     modes = {m: m.training for m in model.modules()}
     model.eval()
     try:
@@ -259,7 +260,8 @@ def _matches(model: nn.Module, pattern: str) -> List[Tuple[str, nn.Linear]]:
     if len(shapes) > 1:
         raise ValueError(f"lorsify: pattern {pattern!r} matches layers of different weights; one shared weight "
                          "needs one shape, dtype and device: "
-                         + "; ".join(f"[{o}, {i}] {d} {dev}: {', '.join(ns)}" for ((o, i), d, dev), ns in shapes.items()))
+                         + "; ".join(f"[{o}, {i}] {d} {dev}: {', '.join(ns)}"
+                                     for ((o, i), d, dev), ns in shapes.items()))
     return linears
 
 
@@ -349,7 +351,8 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
         plans.append((pattern, layers, shared, group_counts, ranks))
 
     if method == "pca":
-        features = {linear: _ResidualFeatures(linear, shared) for _, layers, shared, _, _ in plans for _, linear in layers}
+        features = {linear: _ResidualFeatures(linear, shared)
+                    for _, layers, shared, _, _ in plans for _, linear in layers}
         _calibrate(model, calibration, {linear: (lambda x, y, f=f: f.add(x)) for linear, f in features.items()})
 
     reports, replacements = {}, {}

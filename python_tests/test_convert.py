@@ -48,8 +48,8 @@ class Net(nn.Module):
                     base = pick(self.blocks[0]).weight.clone()
                     for b in self.blocks:
                         w = pick(b).weight
-                        w.copy_(base + 0.3 * torch.randn(w.shape[0], residual_rank) @ torch.randn(residual_rank, w.shape[1])
-                                / math.sqrt(w.shape[1]))
+                        private = torch.randn(w.shape[0], residual_rank) @ torch.randn(residual_rank, w.shape[1])
+                        w.copy_(base + 0.3 * private / math.sqrt(w.shape[1]))
 
     def forward(self, x):
         for block in self.blocks:
@@ -361,7 +361,8 @@ def test_hf_style_names_and_globs():
     (dict(targets="blocks.*.proj", rank=2, kappa=4), ValueError, "exactly one of rank and kappa"),
     (dict(targets="blocks.*.proj", rank=2, method="qr"), ValueError, "method must be"),
     (dict(targets="blocks.*.proj", rank=2, method="pca"), ValueError, "needs calibration"),
-    (dict(targets="blocks.*.proj", rank=2, groups=[1, 2]), ValueError, r"groups must be .* one per matched layer \(4\)"),
+    (dict(targets="blocks.*.proj", rank=2, groups=[1, 2]), ValueError,
+     r"groups must be .* one per matched layer \(4\)"),
     (dict(targets="blocks.*.proj", rank=-1), ValueError, "rank must be"),
     (dict(targets="blocks.*.proj", rank=7, groups=2), ValueError, r"rank\*groups 14 for blocks.0.proj exceeds min"),
     (dict(targets="blocks.*.proj", rank=2, scaling=0.0), ValueError, "scaling must be non-zero"),

@@ -187,6 +187,34 @@ def test_bad_dout_raises_clear_error():
         backward(dout.bfloat16(), x, m, s, cp, sp)
 
 
+@pytest.mark.parametrize("shape", list(SHAPES))
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+def test_saved_pre1(dtype, shape):
+    """A training forward saves pre1 = x @ M_eff (fp32; checked against float64) and the same output;
+    the backward reading it gives gradients bitwise equal to the one that recomputes it."""
+    x, m, s, cp, sp, dout = make(*SHAPES[shape], dtype)
+    pre1 = torch.full((*x.shape[:3], m.shape[3]), float("nan"))
+    out = C.adaptive_mixing_forward_cpu(x, m, s, *flat(cp, sp), EPS, pre1)
+    assert torch.equal(out, forward(x, m, s, cp, sp))
+    m_eff = m.double() + (reference.private_delta(tuple(t.double() for t in cp), x.shape[0], x.shape[1])
+                          if cp is not None else 0)
+    torch.testing.assert_close(pre1.double(), x.double() @ m_eff, rtol=1e-5, atol=1e-5)
+    recomputed = backward(dout, x, m, s, cp, sp)
+    read = C.adaptive_mixing_backward_cpu(dout, x, m, s, *flat(cp, sp), EPS, pre1)
+    for name, a, b in zip(GRADS, read, recomputed):
+        assert (a is None and b is None) or torch.equal(a, b), name
+
+
+def test_bad_pre1_raises_clear_error():
+    x, m, s, cp, sp, dout = make(*SHAPES["paper-small-K1"], torch.float32)
+    for bad in (torch.empty(3, 2, 8, 15), torch.empty(3, 2, 8, 16, dtype=torch.float64),
+                torch.empty(3, 2, 16, 8).transpose(2, 3)):
+        with pytest.raises(ValueError, match=r"pre1 must be a contiguous float32 CPU tensor \[3, 2, 8, 16\]"):
+            C.adaptive_mixing_forward_cpu(x, m, s, *flat(cp, sp), EPS, bad)
+        with pytest.raises(ValueError, match=r"pre1 must be a contiguous float32 CPU tensor"):
+            C.adaptive_mixing_backward_cpu(dout, x, m, s, *flat(cp, sp), EPS, bad)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_public_op_dispatch_on_cpu(dtype, monkeypatch):
     """fp32 runs the native kernels automatically (forward and backward, counted); bf16 stays on the
@@ -194,7 +222,7 @@ def test_public_op_dispatch_on_cpu(dtype, monkeypatch):
     calls = []
     for name in ("adaptive_mixing_forward_cpu", "adaptive_mixing_backward_cpu"):
         fn = getattr(C, name)
-        monkeypatch.setattr(C, name, lambda *a, _fn=fn, _name=name: calls.append(_name) or _fn(*a))
+        monkeypatch.setattr(C, name, lambda *a, _fn=fn, _name=name: calls.append((_name, a)) or _fn(*a))
     import lors_kernels
 
     x, m, s, cp, sp, dout = make(*SHAPES["paper-small-K1"], dtype)
@@ -207,10 +235,12 @@ def test_public_op_dispatch_on_cpu(dtype, monkeypatch):
         for name, leaf, want in zip(GRADS, leaves, expected_grads):
             assert_close(leaf.grad, want, dtype, name)
     native = ["adaptive_mixing_forward_cpu", "adaptive_mixing_backward_cpu"]
-    assert calls == (native if dtype == torch.float32 else [])
+    assert [name for name, _ in calls] == (native if dtype == torch.float32 else [])
+    if dtype == torch.float32:  # the training forward saved pre1 and the backward read it
+        assert all(isinstance(args[-1], torch.Tensor) and args[-1].shape == (3, 2, 8, 16) for _, args in calls)
     previous = backend.set_backend("native")
     try:
         lors_kernels.adaptive_mixing(x.detach(), m.detach(), s.detach(), channel_private=cp, spatial_private=sp)
     finally:
         backend.set_backend(previous)
-    assert calls[-1] == "adaptive_mixing_forward_cpu"
+    assert calls[-1][0] == "adaptive_mixing_forward_cpu" and len(calls[-1][1]) == 10  # inference: nothing saved

@@ -46,8 +46,12 @@ class Net(nn.Module):
 
     def forward(self, x, skip=None):
         for i, block in enumerate(self.blocks):
-            if i != skip:
-                x = checkpoint(block, x, use_reentrant=self.checkpointed == "reentrant") if self.checkpointed else block(x)
+            if i == skip:
+                continue
+            if self.checkpointed:
+                x = checkpoint(block, x, use_reentrant=self.checkpointed == "reentrant")
+            else:
+                x = block(x)
         return self.head(x)
 
 

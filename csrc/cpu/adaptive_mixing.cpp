@@ -12,9 +12,11 @@
 // multiply-adds instead of (P_in + P_out)*C_out*K*r, 3x fewer at the paper's shapes, and dS_eff is
 // needed anyway for dS.
 //
-// The backward recomputes pre1, h and pre2 per tile instead of saving them from the forward: saving
-// h and pre2 would cost BN*G*(P_in + P_out)*C_out*4 bytes (315 MB for B=16, N=100 at the paper's
-// shapes), the recompute one more forward's worth of cache-resident FLOPs. dE and dF sum over every
+// The backward recomputes h and pre2 per tile instead of saving them from the forward: saving both
+// would cost BN*G*(P_in + P_out)*C_out*4 bytes (315 MB for B=16, N=100 at the paper's shapes), the
+// recompute one more forward's worth of cache-resident FLOPs. A training forward may save pre1 alone
+// (fp32, a third of that: 105 MB there, 13 MB at B=2): the backward then skips x M + T F^M_all, 8% of
+// a CPU training step at B=2, N=100 (64 -> 59 ms, 2 threads). dE and dF sum over every
 // query: each chunk of queries (fixed by BN alone) sums its own in query order, and the chunks are
 // added in chunk order, so no result depends on the thread count or on which thread ran what.
 //
@@ -386,6 +388,8 @@ struct Problem {
   const T *x, *m, *s, *em, *qm, *fm, *es, *qs, *fs;
   const T* dout;                 // backward
   T* out;                        // forward
+  float* pre1_out;               // forward: where to save pre1, or null
+  const float* pre1_in;          // backward: the forward's saved pre1, or null (recomputed)
   T *dx, *dm, *ds, *dqm, *dqs;   // backward; dE and dF go through the chunk sums
   Dims d;
   float eps;
@@ -523,6 +527,7 @@ LORS_INLINE Partial partial_at(float* base, const Dims& d) {
 
 struct TileStats {
   Stats ln1, ln2;
+  const float* pre1;  // the tile's pre1: the scratch's, or the saved one
 };
 
 // The tile's x in fp32: the input itself, or its copy widened by forward_tile.
@@ -555,8 +560,8 @@ void prefetch_tile(const Problem<T>& p, int64_t n, int64_t g, bool backward, Pre
   pf.add(p.dx + tile * d.p_in * d.c_in, d.p_in * d.c_in * b, true);
 }
 
-// The forward of tile (n, g) up to pre2 (in w.p2) and its statistics; pre1 stays in w.p1, h packed in
-// w.hp (and row-major in w.h when keep_h).
+// The forward of tile (n, g) up to pre2 (in w.p2) and its statistics; pre1 in w.p1 (or where the
+// problem saves it, or read from where it was saved), h packed in w.hp (and row-major in w.h when keep_h).
 template <class T>
 LORS_INLINE TileStats forward_tile(const Problem<T>& p, const Factors& f, const Workspace& w, int64_t n, int64_t g,
                                    bool keep_h, Prefetcher& pf) {
@@ -564,21 +569,26 @@ LORS_INLINE TileStats forward_tile(const Problem<T>& p, const Factors& f, const 
   const int64_t pi = d.p_in, ci = d.c_in, co = d.c_out, po = d.p_out, r = d.r, tile = n * d.groups + g;
   TileStats st;
 
-  // Channel mixing: pre1 = x M + T F^M_all.
+  // Channel mixing: pre1 = x M + T F^M_all (x E^M_all and T are needed by the backward either way).
   if constexpr (!std::is_same<T, float>::value) widen_into(p.x + tile * pi * ci, pi * ci, w.x);
   const float* x = x_of(p, w, tile);
-  pack_b(p.m + tile * ci * co, co, ci, co, w.mp);
-  gemm(pi, co, ci, rows_of(x, ci), w.mp, w.p1, co, pf);
+  const bool saved = p.pre1_in != nullptr;
+  float* p1 = p.pre1_out != nullptr ? p.pre1_out + tile * pi * co : w.p1;
+  if (!saved) {
+    pack_b(p.m + tile * ci * co, co, ci, co, w.mp);
+    gemm(pi, co, ci, rows_of(x, ci), w.mp, p1, co, pf);
+  }
   if (d.rm > 0) {
     gemm(pi, d.rm, ci, rows_of(x, ci), f.em_p.data() + g * f.em_p_size, w.xe, d.rm, pf);  // x E^M_all
     for (int64_t k = 0; k < d.km; ++k) {
       pack_b(p.qm + (tile * d.km + k) * r * r, r, r, r, w.qp);
       gemm(pi, r, r, rows_of(w.xe + k * r, d.rm), w.qp, w.t + k * r, d.rm, pf);  // T_k = (x E_k) Q_k
     }
-    gemm(pi, co, d.rm, rows_of(w.t, d.rm), f.fm_p.data() + g * f.fm_p_size, w.p1, co, pf, true);
+    if (!saved) gemm(pi, co, d.rm, rows_of(w.t, d.rm), f.fm_p.data() + g * f.fm_p_size, p1, co, pf, true);
   }
-  st.ln1 = layer_norm_stats(w.p1, pi * co, p.eps);
-  layer_norm_relu_packed(w.p1, pi, co, st.ln1, w.hp, keep_h ? w.h : nullptr);
+  st.pre1 = saved ? p.pre1_in + tile * pi * co : p1;
+  st.ln1 = layer_norm_stats(st.pre1, pi * co, p.eps);
+  layer_norm_relu_packed(st.pre1, pi, co, st.ln1, w.hp, keep_h ? w.h : nullptr);
 
   // Spatial mixing: pre2 = S_eff h.
   widen_into(p.s + tile * po * pi, po * pi, w.se);
@@ -638,7 +648,7 @@ LORS_INLINE void backward_tile(const Problem<T>& p, const Factors& f, const Work
 
   // Channel mixing backward: pre1 = x M + T F^M_all.
   float* d1 = w.dh;
-  layer_norm_relu_backward(w.p1, w.dh, pi, co, st.ln1, d1, w.d1p);
+  layer_norm_relu_backward(st.pre1, w.dh, pi, co, st.ln1, d1, w.d1p);
   gemm(ci, co, pi, transpose_of(x, ci), w.d1p, p.dm + tile * ci * co, co, pf);  // dM = x^T d pre1
   pack_bt(p.m + tile * ci * co, co, co, ci, w.mp);                            // M^T
   float* dx = w.dx;
@@ -769,9 +779,10 @@ Problem<T> problem(const T* x, const T* m, const T* s, const T* em, const T* qm,
 
 template <class T>
 void backward_entry(const T* dout, const T* x, const T* m, const T* s, const T* em, const T* qm, const T* fm,
-                    const T* es, const T* qs, const T* fs, T* dx, T* dm, T* ds, T* dem, T* dqm, T* dfm, T* des,
-                    T* dqs, T* dfs, const AdaptiveMixingSizes& sizes, float eps, int num_threads) {
+                    const T* es, const T* qs, const T* fs, const float* pre1, T* dx, T* dm, T* ds, T* dem, T* dqm,
+                    T* dfm, T* des, T* dqs, T* dfs, const AdaptiveMixingSizes& sizes, float eps, int num_threads) {
   Problem<T> p = problem(x, m, s, em, qm, fm, es, qs, fs, sizes, eps);
+  p.pre1_in = pre1;
   p.dout = dout, p.dx = dx, p.dm = dm, p.ds = ds, p.dqm = dqm, p.dqs = dqs;
   backward(p, dem, dfm, des, dfs, num_threads);
 }
@@ -780,37 +791,37 @@ void backward_entry(const T* dout, const T* x, const T* m, const T* s, const T* 
 
 void adaptive_mixing_forward_f32(const float* x, const float* m, const float* s, const float* em, const float* qm,
                                  const float* fm, const float* es, const float* qs, const float* fs, float* out,
-                                 const AdaptiveMixingSizes& sizes, float eps, int num_threads) {
+                                 float* pre1, const AdaptiveMixingSizes& sizes, float eps, int num_threads) {
   Problem<float> p = problem(x, m, s, em, qm, fm, es, qs, fs, sizes, eps);
-  p.out = out;
+  p.out = out, p.pre1_out = pre1;
   forward(p, num_threads);
 }
 
 void adaptive_mixing_forward_bf16(const uint16_t* x, const uint16_t* m, const uint16_t* s, const uint16_t* em,
                                   const uint16_t* qm, const uint16_t* fm, const uint16_t* es, const uint16_t* qs,
-                                  const uint16_t* fs, uint16_t* out, const AdaptiveMixingSizes& sizes, float eps,
-                                  int num_threads) {
+                                  const uint16_t* fs, uint16_t* out, float* pre1, const AdaptiveMixingSizes& sizes,
+                                  float eps, int num_threads) {
   Problem<uint16_t> p = problem(x, m, s, em, qm, fm, es, qs, fs, sizes, eps);
-  p.out = out;
+  p.out = out, p.pre1_out = pre1;
   forward(p, num_threads);
 }
 
 void adaptive_mixing_backward_f32(const float* dout, const float* x, const float* m, const float* s,
                                   const float* em, const float* qm, const float* fm, const float* es,
-                                  const float* qs, const float* fs, float* dx, float* dm, float* ds, float* dem,
-                                  float* dqm, float* dfm, float* des, float* dqs, float* dfs,
+                                  const float* qs, const float* fs, const float* pre1, float* dx, float* dm,
+                                  float* ds, float* dem, float* dqm, float* dfm, float* des, float* dqs, float* dfs,
                                   const AdaptiveMixingSizes& sizes, float eps, int num_threads) {
-  backward_entry(dout, x, m, s, em, qm, fm, es, qs, fs, dx, dm, ds, dem, dqm, dfm, des, dqs, dfs, sizes, eps,
+  backward_entry(dout, x, m, s, em, qm, fm, es, qs, fs, pre1, dx, dm, ds, dem, dqm, dfm, des, dqs, dfs, sizes, eps,
                  num_threads);
 }
 
 void adaptive_mixing_backward_bf16(const uint16_t* dout, const uint16_t* x, const uint16_t* m, const uint16_t* s,
                                    const uint16_t* em, const uint16_t* qm, const uint16_t* fm, const uint16_t* es,
-                                   const uint16_t* qs, const uint16_t* fs, uint16_t* dx, uint16_t* dm,
-                                   uint16_t* ds, uint16_t* dem, uint16_t* dqm, uint16_t* dfm, uint16_t* des,
-                                   uint16_t* dqs, uint16_t* dfs, const AdaptiveMixingSizes& sizes, float eps,
-                                   int num_threads) {
-  backward_entry(dout, x, m, s, em, qm, fm, es, qs, fs, dx, dm, ds, dem, dqm, dfm, des, dqs, dfs, sizes, eps,
+                                   const uint16_t* qs, const uint16_t* fs, const float* pre1, uint16_t* dx,
+                                   uint16_t* dm, uint16_t* ds, uint16_t* dem, uint16_t* dqm, uint16_t* dfm,
+                                   uint16_t* des, uint16_t* dqs, uint16_t* dfs, const AdaptiveMixingSizes& sizes,
+                                   float eps, int num_threads) {
+  backward_entry(dout, x, m, s, em, qm, fm, es, qs, fs, pre1, dx, dm, ds, dem, dqm, dfm, des, dqs, dfs, sizes, eps,
                  num_threads);
 }
 

@@ -12,6 +12,9 @@
 // inputs' shapes. bf16 arrays are raw uint16 bit patterns: widened on load, computed in fp32, rounded
 // to nearest even on store. num_threads: the most OpenMP threads to use; results (dE and dF, sums
 // over every query, included) are bitwise independent of it.
+//
+// pre1 = x @ M_eff [BN, G, P_in, C_out], fp32, may be null. A training forward can save it there, and
+// the backward then reads it instead of recomputing it (same values, bitwise).
 #pragma once
 
 #include <cstdint>
@@ -28,26 +31,26 @@ struct AdaptiveMixingSizes {
 
 void adaptive_mixing_forward_f32(const float* x, const float* m, const float* s, const float* em, const float* qm,
                                  const float* fm, const float* es, const float* qs, const float* fs, float* out,
-                                 const AdaptiveMixingSizes& sizes, float eps, int num_threads);
+                                 float* pre1, const AdaptiveMixingSizes& sizes, float eps, int num_threads);
 
 void adaptive_mixing_forward_bf16(const uint16_t* x, const uint16_t* m, const uint16_t* s, const uint16_t* em,
                                   const uint16_t* qm, const uint16_t* fm, const uint16_t* es, const uint16_t* qs,
-                                  const uint16_t* fs, uint16_t* out, const AdaptiveMixingSizes& sizes, float eps,
-                                  int num_threads);
+                                  const uint16_t* fs, uint16_t* out, float* pre1, const AdaptiveMixingSizes& sizes,
+                                  float eps, int num_threads);
 
 // Every gradient from d out: dx, dM, dS, and for each present private part dE, dQ, dF.
 void adaptive_mixing_backward_f32(const float* dout, const float* x, const float* m, const float* s,
                                   const float* em, const float* qm, const float* fm, const float* es,
-                                  const float* qs, const float* fs, float* dx, float* dm, float* ds, float* dem,
-                                  float* dqm, float* dfm, float* des, float* dqs, float* dfs,
+                                  const float* qs, const float* fs, const float* pre1, float* dx, float* dm,
+                                  float* ds, float* dem, float* dqm, float* dfm, float* des, float* dqs, float* dfs,
                                   const AdaptiveMixingSizes& sizes, float eps, int num_threads);
 
 void adaptive_mixing_backward_bf16(const uint16_t* dout, const uint16_t* x, const uint16_t* m, const uint16_t* s,
                                    const uint16_t* em, const uint16_t* qm, const uint16_t* fm, const uint16_t* es,
-                                   const uint16_t* qs, const uint16_t* fs, uint16_t* dx, uint16_t* dm,
-                                   uint16_t* ds, uint16_t* dem, uint16_t* dqm, uint16_t* dfm, uint16_t* des,
-                                   uint16_t* dqs, uint16_t* dfs, const AdaptiveMixingSizes& sizes, float eps,
-                                   int num_threads);
+                                   const uint16_t* qs, const uint16_t* fs, const float* pre1, uint16_t* dx,
+                                   uint16_t* dm, uint16_t* ds, uint16_t* dem, uint16_t* dqm, uint16_t* dfm,
+                                   uint16_t* des, uint16_t* dqs, uint16_t* dfs, const AdaptiveMixingSizes& sizes,
+                                   float eps, int num_threads);
 
 }  // namespace cpu
 }  // namespace lors_kernels
