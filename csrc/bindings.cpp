@@ -62,21 +62,28 @@ void check_lors_linear_shapes(const char* op, const at::Tensor& x2, const at::Te
   }
 }
 
+using NamedTensors = std::vector<std::pair<const char*, const at::Tensor*>>;
+
+// Every named tensor on the CPU, Float or BFloat16, and of the first one's dtype.
+void check_cpu_float(const char* op, const NamedTensors& named) {
+  const auto& [lead_name, lead] = named.front();
+  for (const auto& [name, t] : named) {
+    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
+    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, op, ": ", name,
+                     " has dtype ", t->scalar_type(), "; expected Float or BFloat16");
+    TORCH_CHECK_TYPE(t->scalar_type() == lead->scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
+                     " but ", lead_name, " has ", lead->scalar_type(), "; all tensors must share one dtype");
+  }
+}
+
 // y [M, N] = x2 @ weight^T + scaling * (x2 @ down^T) @ up^T + bias
 at::Tensor lors_linear_forward_cpu(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& down,
                                    const at::Tensor& up, const std::optional<at::Tensor>& bias,
                                    double scaling) {
   const char* op = "lors_linear_forward_cpu";
-  std::vector<std::pair<const char*, const at::Tensor*>> named{
-      {"x2", &x2}, {"weight", &weight}, {"down", &down}, {"up", &up}};
+  NamedTensors named{{"x2", &x2}, {"weight", &weight}, {"down", &down}, {"up", &up}};
   if (bias.has_value()) named.emplace_back("bias", &*bias);
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, op, ": ", name,
-                     " has dtype ", t->scalar_type(), "; expected Float or BFloat16");
-    TORCH_CHECK_TYPE(t->scalar_type() == x2.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
-                     " but x2 has ", x2.scalar_type(), "; all tensors must share one dtype");
-  }
+  check_cpu_float(op, named);
   check_lors_linear_shapes(op, x2, weight, down, up, bias);
   const int64_t m = x2.size(0), k = x2.size(1), n = weight.size(0), r = down.size(0);
 
@@ -263,8 +270,7 @@ at::Tensor select_topk_pixels_cuda(const at::Tensor& scores, int64_t lh, int64_t
 at::Tensor lors_linear_forward_cuda(const at::Tensor& x2, const at::Tensor& weight, const at::Tensor& down,
                                     const at::Tensor& up, const std::optional<at::Tensor>& bias, double scaling) {
   const char* op = "lors_linear_forward_cuda";
-  std::vector<std::pair<const char*, const at::Tensor*>> named{
-      {"x2", &x2}, {"weight", &weight}, {"down", &down}, {"up", &up}};
+  NamedTensors named{{"x2", &x2}, {"weight", &weight}, {"down", &down}, {"up", &up}};
   if (bias.has_value()) named.emplace_back("bias", &*bias);
   const auto dtype = cuda_dtype(x2, op, "x2");
   for (const auto& [name, t] : named) {
@@ -326,7 +332,7 @@ MixingInputs mixing_inputs(const char* op, const at::Tensor* dout, const at::Ten
       {"channel private", {"E^M", "Q^M", "F^M"}, {&em, &qm, &fm}, {&in.em, &in.qm, &in.fm}, &in.sizes.k_channel},
       {"spatial private", {"E^S", "Q^S", "F^S"}, {&es, &qs, &fs}, {&in.es, &in.qs, &in.fs}, &in.sizes.k_spatial}};
 
-  std::vector<std::pair<const char*, const at::Tensor*>> named{{"x", &x}, {"M", &m}, {"S", &s}};
+  NamedTensors named{{"x", &x}, {"M", &m}, {"S", &s}};
   if (dout != nullptr) named.emplace_back("dout", dout);
   for (const Part& part : parts) {
     const int count = part.given[0]->has_value() + part.given[1]->has_value() + part.given[2]->has_value();
@@ -334,13 +340,7 @@ MixingInputs mixing_inputs(const char* op, const at::Tensor* dout, const at::Ten
                       count, " of them");
     for (int i = 0; i < 3 && count == 3; ++i) named.emplace_back(part.names[i], &**part.given[i]);
   }
-  for (const auto& [name, t] : named) {
-    TORCH_CHECK_VALUE(t->device().is_cpu(), op, ": ", name, " must be a CPU tensor, got ", t->device());
-    TORCH_CHECK_TYPE(t->scalar_type() == at::kFloat || t->scalar_type() == at::kBFloat16, op, ": ", name,
-                     " has dtype ", t->scalar_type(), "; expected Float or BFloat16");
-    TORCH_CHECK_TYPE(t->scalar_type() == x.scalar_type(), op, ": ", name, " has dtype ", t->scalar_type(),
-                     " but x has ", x.scalar_type(), "; all tensors must share one dtype");
-  }
+  check_cpu_float(op, named);
   TORCH_CHECK_VALUE(x.dim() == 4, op, ": x must be 4-D [BN, G, P_in, C_in], got ", shape_of(x));
   TORCH_CHECK_VALUE(m.dim() == 4, op, ": M must be 4-D [BN, G, C_in, C_out], got ", shape_of(m));
   TORCH_CHECK_VALUE(s.dim() == 4, op, ": S must be 4-D [BN, G, P_out, P_in], got ", shape_of(s));
@@ -393,8 +393,7 @@ T* mutable_data_of(const at::Tensor& t) {
 }
 
 // pre1 = x @ M_eff as the kernels save and read it: float32, contiguous, [BN, G, P_in, C_out].
-const float* pre1_of(const char* op, const std::optional<at::Tensor>& pre1,
-                     const lors_kernels::cpu::AdaptiveMixingSizes& z) {
+float* pre1_of(const char* op, const std::optional<at::Tensor>& pre1, const lors_kernels::cpu::AdaptiveMixingSizes& z) {
   if (!pre1.has_value()) return nullptr;
   const at::Tensor& t = *pre1;
   TORCH_CHECK_VALUE(t.device().is_cpu() && t.scalar_type() == at::kFloat && t.is_contiguous() &&
@@ -414,7 +413,7 @@ at::Tensor adaptive_mixing_forward_cpu(const at::Tensor& x, const at::Tensor& m,
   const char* op = "adaptive_mixing_forward_cpu";
   const MixingInputs in = mixing_inputs(op, nullptr, x, m, s, em, qm, fm, es, qs, fs);
   const auto& z = in.sizes;
-  float* const saved = const_cast<float*>(pre1_of(op, pre1, z));
+  float* const saved = pre1_of(op, pre1, z);
   at::Tensor out = at::empty({z.bn, z.groups, z.p_out, z.c_out}, in.x.options());
   const int threads = at::get_num_threads();
 

@@ -113,7 +113,7 @@ def count_parameters(module: nn.Module) -> ParameterCount:
     layer's down, up, bias) and whatever a module reports through ``lors_stacks()`` (LorsAdaptiveMixing's
     generator and per-stage cores, LorsWeightGenerator's).
     """
-    stacks, claimed, seen = [], {}, set()
+    stacks = []
     for shared, layers in shared_stacks(module):
         private = [[p for n, p in layer.named_parameters() if not n.startswith("shared.")] for _, layer in layers]
         stacks.append((_stack_name([n for n, _ in layers]), [shared.weight], private))
@@ -121,16 +121,16 @@ def count_parameters(module: nn.Module) -> ParameterCount:
         if hasattr(sub, "lors_stacks"):
             stacks += [(f"{name}.{label}" if name else label, shared, private)
                        for label, shared, private in sub.lors_stacks()]
-    counts = []
+    counts, owner = [], {}  # owner: id(tensor) -> the stack counting it
     for i, (name, shared, private) in enumerate(stacks):
         sizes = []
         for params in (shared, *private):  # a tensor counts where it first appears (a bias shared by layers)
-            fresh = [p for p in params if claimed.setdefault(id(p), (i, name))[0] == i and id(p) not in seen]
-            seen.update(id(p) for p in fresh)
-            sizes.append(_numel(fresh))
-            other = [claimed[id(p)][1] for p in params if claimed[id(p)][0] != i]
-            if other:  # one tensor in two stacks would be counted twice
-                raise ValueError(f"count_parameters: a parameter belongs to two stacks, {other[0]} and {name}")
+            clash = [stacks[owner[id(p)]][0] for p in params if owner.get(id(p), i) != i]
+            if clash:  # one tensor in two stacks would be counted twice
+                raise ValueError(f"count_parameters: a parameter belongs to two stacks, {clash[0]} and {name}")
+            fresh = {id(p): p for p in params if id(p) not in owner}
+            owner.update(dict.fromkeys(fresh, i))
+            sizes.append(_numel(fresh.values()))
         counts.append(StackCount(name, sizes[0], sizes[1:]))
     return ParameterCount(_numel(module.parameters()), counts)
 
