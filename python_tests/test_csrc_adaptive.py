@@ -203,6 +203,9 @@ def test_saved_pre1(dtype, shape):
     read = C.adaptive_mixing_backward_cpu(dout, x, m, s, *flat(cp, sp), EPS, pre1)
     for name, a, b in zip(GRADS, read, recomputed):
         assert (a is None and b is None) or torch.equal(a, b), name
+    # and it is read, not recomputed: another pre1 changes the gradients
+    shifted = C.adaptive_mixing_backward_cpu(dout, x, m, s, *flat(cp, sp), EPS, pre1 * 2 + 1)
+    assert x.numel() == 0 or not torch.equal(shifted[0], recomputed[0])
 
 
 def test_bad_pre1_raises_clear_error():
