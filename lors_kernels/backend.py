@@ -5,11 +5,12 @@ Three backends, one name each:
 - ``triton``: the fused Triton kernels. Runs on CUDA tensors, and on CPU tensors only under the
   Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported; the tests do this).
 - ``native``: the C++/CUDA extension ``lors_kernels._C`` built from ``csrc/`` (``cuda`` is accepted as
-  another name for it, as DESIGN.md spells it).
+  another name for it).
 - ``reference``: pure PyTorch, the test oracle and the fallback for everything.
 
-Automatic choice (no override): Triton on CUDA tensors; on CPU the native op where the op has one
-for the case, else the reference. ``LORS_KERNELS_BACKEND`` or :func:`set_backend` override it.
+Each op lists its implementations in order (lors_kernels.registry): the automatic choice is the first
+that runs on the inputs' device, fits the case and was measured faster there; ``LORS_KERNELS_BACKEND``
+or :func:`set_backend` force one backend instead.
 """
 
 from __future__ import annotations
@@ -23,6 +24,10 @@ import warnings
 import torch
 
 BACKENDS = ("triton", "native", "reference")
+# What the kernels take: the Triton kernels compute in fp32, fp16 and bf16; the C++ CPU kernels in fp32 and
+# bf16 (float64 runs on the reference everywhere).
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16)
 _ALIASES = {"cuda": "native"}
 _override: str | None = None
 _native = None
@@ -78,10 +83,15 @@ def native():
     return _native
 
 
-def native_cuda_built() -> bool:
-    """Whether the native extension is there and was built with its CUDA kernels."""
-    ext = native()
-    return ext is not None and "cuda" in ext.built_backends()
+def native_error() -> str | None:
+    """Why the extension could not be imported (None when it was)."""
+    native()
+    return _native_error
+
+
+def has_native(name: str) -> bool:
+    """The extension is there and has the function ``name`` (CUDA functions exist only in CUDA builds)."""
+    return hasattr(native(), name)
 
 
 @functools.cache
@@ -98,40 +108,6 @@ def triton_runs_on(device: torch.device) -> bool:
     if not triton_available():
         return False
     return device.type == "cuda" or (device.type == "cpu" and triton_interpreted())
-
-
-def choose(x: torch.Tensor, native_fits: bool, native_wins: bool | None = None, triton_fits: bool = True) -> str:
-    """The backend that runs one call on tensors like ``x``: the override if any, else the automatic choice.
-
-    ``native_fits``: the op has a native kernel built for this device and this case;
-    ``native_wins``: the automatic choice should take it (measured faster for this case);
-    ``triton_fits``: the Triton kernels handle this case (float64, for one, only the reference does).
-    """
-    forced = forced_backend()
-    if forced is None:  # the common case first: it runs on every call
-        if x.is_cuda and triton_fits and triton_available():
-            return "triton"
-        return "native" if (native_fits if native_wins is None else native_wins) else "reference"
-    device = x.device
-    if forced == "triton":
-        if not triton_fits:
-            raise RuntimeError("lors_kernels backend 'triton' has no kernel for this call "
-                               "(the kernels take float32, float16 and bfloat16)")
-        if not triton_runs_on(device):
-            raise RuntimeError(
-                f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: "
-                + ("triton is not installed" if not triton_available() else
-                   "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors")
-            )
-        return "triton"
-    if forced == "native":
-        if not native_fits:
-            raise RuntimeError(
-                f"lors_kernels backend 'native' has no kernel for this call on {device.type} "
-                f"({'extension not built: ' + str(_native_error) if native() is None else 'unsupported case'})"
-            )
-        return "native"
-    return "reference"
 
 
 def env_report() -> str:

@@ -253,7 +253,7 @@ def test_ops_without_the_extension(monkeypatch):
     """The package falls back to PyTorch when _C is absent."""
     monkeypatch.setattr(backend, "native", lambda: None)
     scores = torch.randn(1, 2, 12)
-    assert op._native_fits(scores, "select_topk_pixels_cpu") is False
+    assert op.select_topk_pixels_op.route(scores, 3, 4, 6, 8, 5, False).backend == "reference"
     assert torch.equal(lors_kernels.select_topk_pixels(scores, (3, 4), (6, 8), 5),
                        reference.select_topk_pixels(scores, (3, 4), (6, 8), 5))
     q, k, v, index = attention_inputs(1, 2, 3, 10, 4, 8, False, torch.float32)

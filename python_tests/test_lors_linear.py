@@ -200,8 +200,10 @@ def test_opcheck(backend_name, use_backend):
         args = [a.requires_grad_() if isinstance(a, torch.Tensor) else a for a in args]
         torch.library.opcheck(torch.ops.lors.lors_linear.default, args)
     grad = torch.randn(2, 5, 10, device=KERNEL_DEVICE)
-    torch.library.opcheck(torch.ops.lors.lors_linear_backward.default,
-                          (grad, x.detach(), weight.detach(), down.detach(), up.detach(), 0.5, True, True))
+    for needs in ([True] * 5, [False, True, True, True, True]):
+        torch.library.opcheck(torch.ops.lors.lors_linear_backward.default,
+                              ([grad], [], needs, x.detach(), weight.detach(), down.detach(), up.detach(),
+                               bias.detach(), 0.5))
 
 
 def test_compile_fullgraph_stack_cpu():
@@ -257,13 +259,20 @@ def test_unknown_backend_name():
         lk.set_backend("fast")
 
 
-def test_env_override_selects_reference(monkeypatch):
+def test_env_override_selects_the_route(monkeypatch):
     from lors_kernels import backend
+    from lors_kernels.lors_linear.op import lors_linear_op
 
+    args = (*make_inputs(4, 8, 6, 2, torch.float32), 1.0)
     monkeypatch.setenv("LORS_KERNELS_BACKEND", "reference")
-    assert backend.choose(torch.empty(0, device="meta"), native_fits=True) == "reference"
-    monkeypatch.setenv("LORS_KERNELS_BACKEND", "cuda")  # DESIGN.md's name for the native extension
+    assert lors_linear_op.route(*args).backend == "reference"
+    monkeypatch.setenv("LORS_KERNELS_BACKEND", "cuda")  # another name for the native extension
     assert backend.forced_backend() == "native"
+    assert lors_linear_op.route(*args).backend == ("native" if backend.native() is not None else "reference")
+    monkeypatch.delenv("LORS_KERNELS_BACKEND")
+    assert lors_linear_op.route(*args).backend == ("native" if backend.native() is not None else "reference")
+    big = (*make_inputs(64, 8, 6, 2, torch.float32), 1.0)  # the native CPU kernel wins only small batches
+    assert lors_linear_op.route(*big).backend == "reference"
 
 
 # -------------------------------------------------------------------------------------------- modules

@@ -327,12 +327,9 @@ def backward_fits(dtype: torch.dtype, p_out: int, c_out: int) -> bool:
 
 def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
     """Returns dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None."""
-    bn, groups, _, _, c_out, p_out, *_ = _shapes(x, m, s, channel_private, spatial_private)
-    if not backward_fits(x.dtype, p_out, c_out):
-        from .reference import adaptive_mixing_backward
-
-        return adaptive_mixing_backward(dout, x, m, s, channel_private, spatial_private, eps)
-    # Inputs are contiguous (op.py): gradients allocated like them share their strides.
+    bn, groups, *_ = _shapes(x, m, s, channel_private, spatial_private)
+    assert backward_fits(x.dtype, s.shape[2], m.shape[3]), "op.py sends this case to the reference"
+    # Inputs are contiguous (the op's layout): gradients allocated like them share their strides.
     dx, dm, ds = torch.empty_like(x), torch.empty_like(m), torch.empty_like(s)
 
     def private_grads(private):

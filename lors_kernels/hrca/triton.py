@@ -243,6 +243,8 @@ def attention_forward(q, k, v, index, scale):
     per_query = index.dim() == 3
     out = torch.empty_like(q, memory_format=torch.contiguous_format)
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
+    if q.numel() == 0 or index.shape[-1] == 0:  # nothing to launch: every row is empty or fully padded
+        return out.zero_(), lse.fill_(float("inf"))
     block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h)
     args = [q, k, v, index, out, lse, h, n, index.shape[-1], k.shape[2], d, scale * LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_index_strides(index), *_strides(out)]
@@ -270,6 +272,8 @@ def _scatter_rows(grad, slots, index):
 def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
     b, h, n, d = q.shape
     length, s = k.shape[2], index.shape[-1]
+    if q.numel() == 0 or s == 0:  # nothing attended to: no gradient anywhere
+        return torch.zeros_like(q), torch.zeros_like(k), torch.zeros_like(v)
     per_query = index.dim() == 3
     dout = dout.contiguous()
     delta = (dout.float() * out.float()).sum(-1)

@@ -1,4 +1,4 @@
-"""`lors::lors_linear`: input checks, dispatch, autograd and torch.library registration."""
+"""`lors::lors_linear`: input checks, the table of implementations, the public function."""
 
 from __future__ import annotations
 
@@ -8,13 +8,11 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .. import backend, custom_op
-from ..custom_op import shape_str
+from .. import backend
+from ..registry import Impl, as_rows, define_op, shape_str
 from . import reference
 
-FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
-KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # float64 runs on the reference
-NATIVE_DTYPES = (torch.float32, torch.bfloat16)  # the C++ CPU kernel's
+FLOAT_DTYPES = (*backend.TRITON_DTYPES, torch.float64)
 # The CUDA decode kernel's limits (csrc/cuda/lors_linear.h: kDecodeMaxRows, kDecodeMaxRank).
 NATIVE_CUDA_MAX_ROWS = 16
 NATIVE_CUDA_MAX_RANK = 512
@@ -29,8 +27,7 @@ def native_wins(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
     return m <= 2 or m * n * k <= 1 << 22
 
 
-
-def check_inputs(x, weight, down, up, bias) -> None:
+def check_inputs(x, weight, down, up, bias, scaling=None) -> None:
     """Raise a clear error for bad input; the common valid case costs a few attribute reads."""
     try:
         ws, ds, us, dtype, device = weight.shape, down.shape, up.shape, x.dtype, x.device
@@ -81,101 +78,74 @@ def _explain_bad_inputs(x, weight, down, up, bias) -> None:
                      + ", ".join(f"{n}={d}" for n, d in devices.items()))
 
 
-def as_rows(t: Tensor) -> Tensor:
-    """[..., F] -> [rows, F] (a view when strides allow); explicit sizes, since F or rows may be 0."""
-    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+# The kernels take x as rows [M, in]; the op takes x [..., in].
 
 
-def forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor], scaling: float) -> Tensor:
-    """The forward on the backend that dispatch picks; inputs already checked."""
-    x2 = as_rows(x)
-    if x.is_cpu:
-        fits = x.dtype in NATIVE_DTYPES and backend.native() is not None
-        wins = fits and native_wins(x2.shape[0], weight.shape[0], x2.shape[1], x.dtype)
-    else:
-        # The CUDA decode kernel runs only when forced: nothing has measured it against Triton yet, so
-        # the automatic choice stays Triton, and the extension is looked up only when it can be chosen.
-        wins = False
-        fits = (backend.forced_backend() == "native" and x.is_cuda and x.dtype in KERNEL_DTYPES
-                and x2.shape[0] <= NATIVE_CUDA_MAX_ROWS and down.shape[0] <= NATIVE_CUDA_MAX_RANK
-                and backend.native_cuda_built())
-    which = backend.choose(x, native_fits=fits, native_wins=wins, triton_fits=x.dtype in KERNEL_DTYPES)
-    if which == "triton":
+def _on_rows(forward):
+    def run(x, weight, down, up, bias, scaling):
+        y = forward(as_rows(x), weight, down, up, bias, scaling)
+        return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+
+    return run
+
+
+def _backward_on_rows(backward):
+    def run(c, grad):
+        dx, dweight, ddown, dup, dbias = backward(as_rows(grad), as_rows(c.x), c.weight, c.down, c.up, c.scaling,
+                                                  c.bias is not None, c.needs.x)
+        return (None if dx is None else dx.reshape(c.x.shape)), dweight, ddown, dup, dbias
+
+    return run
+
+
+def _triton(name):
+    def run(*args):
         from . import triton as kernels
 
-        y = kernels.lors_linear_forward(x2, weight, down, up, bias, scaling)
-    elif which == "native":
-        ext = backend.native()
-        run = ext.lors_linear_forward_cpu if x.is_cpu else ext.lors_linear_forward_cuda
-        y = run(x2, weight, down, up, bias, scaling)
-    else:
-        y = reference.lors_linear(x2, weight, down, up, bias, scaling)
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], weight.shape[0])
+        return getattr(kernels, name)(*args)
+
+    return run
 
 
-def backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float, has_bias: bool,
-             needs_x: bool):
-    """(dx or None, dweight, ddown, dup, dbias or None)."""
-    x2, g2 = as_rows(x), as_rows(grad)
-    if backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "triton":
-        from . import triton as kernels
-
-        grads = kernels.lors_linear_backward(g2, x2, weight, down, up, scaling, has_bias, needs_x)
-    else:
-        grads = reference.lors_linear_backward(g2, x2, weight, down, up, scaling, has_bias, needs_x)
-    dx, dweight, ddown, dup, dbias = grads
-    return (dx.reshape(x.shape) if needs_x else None), dweight, ddown, dup, dbias
+def _native(name):
+    return lambda *args: getattr(backend.native(), name)(*args)
 
 
-# The registered op: what torch.compile sees (opaque to the graph, with a fake impl and autograd).
+def _rows(c) -> int:
+    return math.prod(c.x.shape[:-1])
 
 
-@torch.library.custom_op("lors::lors_linear", mutates_args=())
-def _lors_linear_op(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor],
-                    scaling: float) -> Tensor:
-    check_inputs(x, weight, down, up, bias)
-    return forward(x, weight, down, up, bias, scaling)
+_reference_backward = _backward_on_rows(reference.lors_linear_backward)
 
-
-@_lors_linear_op.register_fake
-def _(x, weight, down, up, bias, scaling):
-    check_inputs(x, weight, down, up, bias)
-    return x.new_empty((*x.shape[:-1], weight.shape[0]))
-
-
-@torch.library.custom_op("lors::lors_linear_backward", mutates_args=())
-def _lors_linear_backward_op(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float,
-                             has_bias: bool, needs_x: bool) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """(dx, dweight, ddown, dup, dbias); dx and dbias are empty when not asked for (ops return tensors)."""
-    dx, dweight, ddown, dup, dbias = backward(grad, x, weight, down, up, scaling, has_bias, needs_x)
-    return (x.new_empty(0) if dx is None else dx), dweight, ddown, dup, (weight.new_empty(0) if dbias is None else dbias)
-
-
-@_lors_linear_backward_op.register_fake
-def _(grad, x, weight, down, up, scaling, has_bias, needs_x):
-    return (x.new_empty(x.shape if needs_x else (0,)), weight.new_empty(weight.shape), down.new_empty(down.shape),
-            up.new_empty(up.shape), weight.new_empty((weight.shape[0],) if has_bias else (0,)))
-
-
-def _setup_context(ctx, inputs, output):
-    x, weight, down, up, bias, scaling = inputs
-    ctx.save_for_backward(x, weight, down, up)
-    ctx.scaling = scaling
-    ctx.has_bias = bias is not None
-
-
-def _gradients(backward_fn):
-    def grads(ctx, grad):
-        x, weight, down, up = ctx.saved_tensors
-        needs_x = ctx.needs_input_grad[0]
-        dx, dweight, ddown, dup, dbias = backward_fn(grad, x, weight, down, up, ctx.scaling, ctx.has_bias, needs_x)
-        return (dx if needs_x else None), dweight, ddown, dup, (dbias if ctx.has_bias else None), None
-
-    return grads
-
-
-_lors_linear_op.register_autograd(_gradients(torch.ops.lors.lors_linear_backward), setup_context=_setup_context)
-_LorsLinearFunction = custom_op.eager_twin(forward, _setup_context, _gradients(backward))
+lors_linear_op = define_op(
+    "lors_linear", "(Tensor x, Tensor weight, Tensor down, Tensor up, Tensor? bias, float scaling) -> Tensor",
+    check=check_inputs,
+    fake=lambda x, weight, down, up, bias, scaling: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    grads=("x", "weight", "down", "up", "bias"),
+    impls=[
+        Impl("triton", "cuda", _on_rows(_triton("lors_linear_forward")),
+             _backward_on_rows(_triton("lors_linear_backward")),
+             fits=lambda c: c.x.dtype in backend.TRITON_DTYPES, takes="float32, float16, bfloat16"),
+        # The CUDA decode kernel runs only when forced: nothing has measured it against Triton yet.
+        Impl("native", "cuda", _on_rows(_native("lors_linear_forward_cuda")),
+             _backward_on_rows(_triton("lors_linear_backward")), auto=False,
+             fits=lambda c: (c.x.dtype in backend.TRITON_DTYPES and _rows(c) <= NATIVE_CUDA_MAX_ROWS
+                             and c.down.shape[0] <= NATIVE_CUDA_MAX_RANK
+                             and backend.has_native("lors_linear_forward_cuda")),
+             takes=f"float32/16, bfloat16, at most {NATIVE_CUDA_MAX_ROWS} rows and rank {NATIVE_CUDA_MAX_RANK}, "
+                   "in CUDA builds"),
+        Impl("native", "cpu", _on_rows(_native("lors_linear_forward_cpu")), _reference_backward,
+             fits=lambda c: c.x.dtype in backend.NATIVE_CPU_DTYPES,
+             wins=lambda c: native_wins(_rows(c), c.weight.shape[0], c.weight.shape[1], c.x.dtype),
+             takes="float32, bfloat16"),
+        # Recording a call, the reference's own autograd saves x @ down^T instead of recomputing it, as the
+        # eager code it replaces does; at rank 0 that would leave down and up without their (empty)
+        # gradients, so rank 0 takes the written-out backward as every kernel does.
+        Impl("reference", None, reference.lors_linear, _reference_backward, eager=reference.lors_linear,
+             fits=lambda c: c.down.shape[0] > 0),
+        Impl("reference", None, reference.lors_linear, _reference_backward),
+    ],
+)
 
 
 def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *,
@@ -186,16 +156,4 @@ def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optio
     R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
     Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
     """
-    if torch.compiler.is_compiling():
-        return torch.ops.lors.lors_linear(x, weight, down, up, bias, float(scaling))
-    check_inputs(x, weight, down, up, bias)
-    return custom_op.eager(forward, _recorded, x, weight, down, up, bias, float(scaling))
-
-
-def _recorded(x, weight, down, up, bias, scaling):
-    """With autograd recording: the kernels' Function, or on the reference its own autograd, which
-    saves x @ down^T instead of recomputing it, as the eager code it replaces does. (Rank 0 takes the
-    Function, which gives the empty down/up their empty gradients as every backend does.)"""
-    if down.shape[0] and backend.choose(x, native_fits=False, triton_fits=x.dtype in KERNEL_DTYPES) == "reference":
-        return reference.lors_linear(x, weight, down, up, bias, scaling)
-    return _LorsLinearFunction.apply(x, weight, down, up, bias, scaling)
+    return lors_linear_op(x, weight, down, up, bias, float(scaling))

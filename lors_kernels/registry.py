@@ -1,0 +1,288 @@
+"""The op registry: every op of the package is defined once, by :func:`define_op`.
+
+An op is a schema, its input checks, a fake (output shapes for torch.compile) and an ordered table of
+implementations (:class:`Impl`). From these ``define_op`` builds
+
+- the custom op ``lors::<name>`` (opaque to torch.compile) with its fake,
+- when the op has gradients, the backward op ``lors::<name>_backward``, its fake, and the autograd
+  registration linking the two,
+- the eager twin: one autograd.Function over the same forwards and backwards, so that eager calls
+  skip torch.library's Python dispatch (~30 us a call, more than a whole small kernel),
+- the public entry (:class:`Op` ``__call__``): check, choose the route once, run it.
+
+The route is the first implementation of the table that runs on the inputs' device, fits the case
+and wins it (or, with a backend forced, the first of that backend that fits). An eager call chooses
+it once and keeps it on ctx for the backward. A compiled graph chooses when its forward op runs and
+again in the backward op, from the same case: a route depends only on the case and the override.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from typing import Callable, Optional
+
+import torch
+
+from . import backend
+
+
+def shape_str(t: torch.Tensor) -> str:
+    """"[2, 3]" for error messages that name the shapes they saw."""
+    return "[" + ", ".join(str(s) for s in t.shape) + "]"
+
+
+def as_rows(t: torch.Tensor) -> torch.Tensor:
+    """[..., F] -> [rows, F] (a view when strides allow); explicit sizes, since F or rows may be 0."""
+    return t if t.dim() == 2 else t.reshape(math.prod(t.shape[:-1]), t.shape[-1])
+
+
+def _always(case) -> bool:
+    return True
+
+
+@dataclasses.dataclass(frozen=True)
+class Impl:
+    """One implementation of an op.
+
+    ``forward(*args)`` returns the schema's outputs; ``backward(saved, *grads)`` one gradient (or None)
+    per input named in the op's ``grads``, where ``saved`` holds the inputs and saved outputs by name
+    and ``saved.needs`` which gradients are asked for. ``fits(case)`` says whether it takes the call
+    at all (dtype, sizes, what was built), ``wins(case)`` whether the automatic choice takes it
+    (measured faster); ``case`` is the inputs by name.
+    """
+
+    backend: str  # "triton", "native" or "reference"
+    device: Optional[str]  # "cuda" or "cpu"; None: any (the reference)
+    forward: Callable
+    backward: Optional[Callable] = None
+    fits: Callable = _always
+    wins: Callable = _always
+    auto: bool = True  # False: runs only when its backend is forced
+    train: Optional[Callable] = None  # the forward of a recording call: fills outputs the backward reads
+    eager: Optional[Callable] = None  # a PyTorch forward recorded by autograd itself (eager calls only)
+    layout: Optional[str] = None  # "dense": contiguous inputs; "rows": unit-stride last dims
+    takes: str = ""  # what it takes, for the error when it is forced and does not fit
+
+    def runs_on(self, device: torch.device, forced: bool) -> bool:
+        if self.backend == "reference":
+            return True
+        if self.backend == "triton":  # on CPU tensors only under the interpreter, and only when forced
+            return backend.triton_runs_on(device) and (forced or device.type == self.device)
+        return device.type == self.device and backend.native() is not None
+
+
+def _parse(name: str, schema: str):
+    """(argument declarations as written, argument names, output names) of ``(args) -> outputs``."""
+    parsed = torch._C.parse_schema(f"lors::{name}{schema}")
+    declared = schema[schema.index("(") + 1:schema.rindex(")", 0, schema.index("->"))]
+    names = [a.name for a in parsed.arguments]
+    outputs = [r.name or "out" for r in parsed.returns]
+    return declared, names, outputs
+
+
+def _laid_out(t, layout: str):
+    if not isinstance(t, torch.Tensor):
+        return t
+    if layout == "rows":
+        return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()
+    return t.contiguous()
+
+
+def _device(args) -> torch.device:
+    return next(a.device for a in args if isinstance(a, torch.Tensor))
+
+
+def _run(impl: Impl, fn: Callable, args, device: torch.device):
+    """One call of an implementation: inputs laid out as it asks, launches on the inputs' device."""
+    if impl.layout is not None:
+        args = [_laid_out(a, impl.layout) for a in args]
+    if device.type == "cuda" and impl.backend != "reference":
+        with torch.cuda.device(device):
+            return fn(*args)
+    return fn(*args)
+
+
+class Op:
+    """A defined op: call it as the public function; ``route(*args)`` tells which implementation runs."""
+
+    def __init__(self, name, schema, *, check, fake, impls, returns, grads, save, validate):
+        self.name = name
+        declared, self.args, self.outputs = _parse(name, schema)
+        self.impls = tuple(impls)
+        if self.impls[-1].backend != "reference":
+            raise ValueError(f"{name}: the last implementation must be the reference, which takes every case")
+        self.check, self.validate = check, validate
+        self.returns = len(self.outputs) if returns is None else returns
+        self.Case = collections.namedtuple(f"{name}_case", self.args)
+        self.grads = tuple(self.args.index(g) for g in grads)
+        self.Needs = collections.namedtuple(f"{name}_needs", grads) if grads else None
+        self.saved_outputs = tuple(self.outputs.index(s) for s in save)
+        self.Saved = collections.namedtuple(f"{name}_saved", [*self.args, *save, "needs"])
+        self.twin = self._twin() if grads else None
+
+        self.op = torch.library.custom_op(f"lors::{name}", self._op_forward, mutates_args=(), schema=schema)
+        self.op.register_fake(self._fake_forward(fake))
+        if grads:
+            backward_schema = f"(Tensor[] grads, Tensor[] outputs, bool[] needs, {declared}) -> Tensor[]"
+            self.backward_op = torch.library.custom_op(f"lors::{name}_backward", self._op_backward,
+                                                       mutates_args=(), schema=backward_schema)
+            self.backward_op.register_fake(self._fake_backward)
+            self.op.register_autograd(self._compiled_backward, setup_context=self._setup)
+
+    # ---------------------------------------------------------------------------------- choosing
+
+    def route(self, *args) -> Impl:
+        """The implementation that runs this call: the override if any, else the automatic choice."""
+        case, device = self.Case(*args), _device(args)
+        forced = backend.forced_backend()
+        if forced is None:
+            return next(impl for impl in self.impls
+                        if impl.auto and impl.runs_on(device, False) and impl.fits(case) and impl.wins(case))
+        chosen = [impl for impl in self.impls if impl.backend == forced]
+        if not chosen:  # the op has no kernel of that backend at all: its reference runs
+            forced, chosen = "reference", [impl for impl in self.impls if impl.backend == "reference"]
+        for impl in chosen:
+            if impl.runs_on(device, True) and impl.fits(case):
+                return impl
+        raise RuntimeError(self._refusal(forced, chosen, device))
+
+    def _refusal(self, forced: str, chosen, device: torch.device) -> str:
+        if forced == "triton" and not backend.triton_runs_on(device):
+            return (f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: "
+                    + ("triton is not installed" if not backend.triton_available() else
+                       "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors"))
+        if forced == "native" and backend.native() is None:
+            why = f"extension not built: {backend.native_error()}"
+        else:
+            why = "; ".join(f"{impl.device}: {impl.takes or 'other cases'}" for impl in chosen)
+            why = f"it takes {why}"
+        return f"lors_kernels backend '{forced}' has no kernel for this call of {self.name} on {device.type} ({why})"
+
+    # ------------------------------------------------------------------------------------ eager
+
+    def __call__(self, *args):
+        if torch.compiler.is_compiling():
+            return self._visible(self.op(*args))
+        self.check(*args)
+        if self.validate is not None:
+            self.validate(*args)
+        impl = self.route(*args)
+        if impl.eager is not None:
+            return impl.eager(*args)
+        if self.twin is not None and self._recording(args):
+            return self._visible(self.twin.apply(impl, *args))
+        return self._visible(_run(impl, impl.forward, args, _device(args)))
+
+    def _recording(self, args) -> bool:
+        if not torch.is_grad_enabled():
+            return False
+        return any(args[i] is not None and args[i].requires_grad for i in self.grads)
+
+    def _visible(self, outputs):
+        if len(self.outputs) == 1 or self.returns == len(self.outputs):
+            return outputs
+        return outputs[0] if self.returns == 1 else outputs[:self.returns]
+
+    def _twin(self):
+        op = self
+
+        def forward(ctx, impl, *args):
+            outputs = _run(impl, impl.train or impl.forward, args, _device(args))
+            ctx.impl = impl
+            op._setup(ctx, args, outputs)
+            return outputs
+
+        def backward(ctx, *grads):
+            needs = ctx.needs_input_grad[1:]
+            inputs, outputs = op._unpack(ctx)
+            result = op._backward(ctx.impl, inputs, outputs, [needs[i] for i in op.grads], grads[:op.returns])
+            return None, *op._spread(result, needs)
+
+        # Built by type() so that autograd names its nodes after the op (LorsLinearFunctionBackward).
+        title = "".join(part.title() for part in self.name.split("_")) + "Function"
+        return type(title, (torch.autograd.Function,),
+                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+
+    # ---------------------------------------------------------------------------- saving for backward
+
+    def _setup(self, ctx, inputs, output):
+        """Keep the inputs and the outputs the backward reads (torch.library's setup_context signature)."""
+        outputs = output if isinstance(output, tuple) else (output,)
+        hidden = outputs[self.returns:]
+        if hidden:
+            ctx.mark_non_differentiable(*hidden)
+        ctx.save_for_backward(*[a if isinstance(a, torch.Tensor) else None for a in inputs],
+                              *[outputs[i] for i in self.saved_outputs])
+        ctx.constants = [None if isinstance(a, torch.Tensor) else a for a in inputs]
+
+    def _unpack(self, ctx):
+        """(the forward's inputs, its saved outputs), back from what _setup kept. saved_tensors is read
+        once: under activation checkpointing each read recomputes and a second one is an error."""
+        tensors = ctx.saved_tensors
+        n = len(self.args)
+        return [t if c is None else c for t, c in zip(tensors[:n], ctx.constants)], tensors[n:]
+
+    def _backward(self, impl: Impl, args, outputs, needs, grads):
+        """impl's backward, given the inputs (laid out for it) and saved outputs by name."""
+        if impl.layout is not None:
+            args = [_laid_out(a, impl.layout) for a in args]
+        saved = self.Saved(*args, *outputs, self.Needs(*needs))
+        return _run(impl, impl.backward, (saved, *grads), _device(args))
+
+    def _spread(self, result, needs):
+        """One gradient per input (None where not asked for) from one per differentiable input."""
+        grads = [None] * len(self.args)
+        for i, g in zip(self.grads, result):
+            grads[i] = g if needs[i] else None
+        return grads
+
+    # ---------------------------------------------------------------------------------- compiled
+
+    def _op_forward(self, *args):
+        self.check(*args)
+        if self.validate is not None:
+            self.validate(*args)
+        impl = self.route(*args)
+        outputs = _run(impl, impl.forward, args, _device(args))
+        # Outputs as the fake made them: fresh, dense.
+        if isinstance(outputs, tuple):
+            return tuple(o.contiguous() for o in outputs)
+        return outputs.contiguous()
+
+    def _fake_forward(self, fake):
+        def run(*args):
+            self.check(*args)
+            return fake(*args)
+
+        return run
+
+    def _compiled_backward(self, ctx, *grads):
+        needs = [bool(ctx.needs_input_grad[i]) for i in self.grads]
+        inputs, outputs = self._unpack(ctx)
+        result = self.backward_op(list(grads[:self.returns]), list(outputs), needs, *inputs)
+        return tuple(self._spread(result, ctx.needs_input_grad))
+
+    def _op_backward(self, grads, outputs, needs, *args):
+        result = self._backward(self.route(*args), args, outputs, needs, grads)
+        return [g.contiguous() if need else grads[0].new_empty(0) for g, need in zip(result, needs)]
+
+    def _fake_backward(self, grads, outputs, needs, *args):
+        return [args[i].new_empty(args[i].shape) if need else grads[0].new_empty(0)
+                for i, need in zip(self.grads, needs)]
+
+
+def define_op(name: str, schema: str, *, check: Callable, fake: Callable, impls, returns: Optional[int] = None,
+              grads=(), save=(), validate: Optional[Callable] = None) -> Op:
+    """Define the op ``lors::<name>``.
+
+    schema: ``"(Tensor x, ..., float scaling) -> Tensor"`` (name multiple outputs: ``-> (Tensor out,
+    Tensor lse)``). check(*args): raise a clear error for bad input (eager calls, the fake and the op).
+    validate(*args): checks of values that cost a device sync (eager calls and the op). fake(*args):
+    outputs of the right shapes. impls: the table, the reference last. returns: how many outputs the
+    public call returns (the others only feed the backward). grads: the inputs that get gradients.
+    save: the outputs the backward reads (the inputs are always saved).
+    """
+    return Op(name, schema, check=check, fake=fake, impls=impls, returns=returns, grads=tuple(grads),
+              save=tuple(save), validate=validate)
