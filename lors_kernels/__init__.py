@@ -1,13 +1,55 @@
-"""lors_kernels: fused kernels for LORS networks (see DESIGN.md §2 for the API)."""
+"""lors_kernels: fused kernels for LORS networks (the public API: docs/design.md, "Public API").
 
-from .adaptive import AdaptiveMixing, LorsAdaptiveMixing, LorsWeightGenerator, adaptive_mixing, generate_mixing_weights
-from .backend import set_backend
-from .convert import count_parameters, lorsify
-from .hrca import HighResCrossAttention, select_topk_pixels, select_windows, sparse_cross_attention
-from .lors_linear import LorsLinear, SharedWeight, lors_linear, make_lors_stack
+Importing the package is cheap: the API (and torch with it) loads on first use of any public name,
+all at once, so that every op is registered with torch.library from then on. With torch already
+imported (the usual order) it loads right away. Tools that need no torch, such as
+``python -m lors_kernels.report``, therefore never import it.
+"""
+
+import importlib
+import sys
+import types
 
 __version__ = "0.1.0"
 
-__all__ = ["AdaptiveMixing", "HighResCrossAttention", "LorsAdaptiveMixing", "LorsLinear", "LorsWeightGenerator",
-           "SharedWeight", "adaptive_mixing", "count_parameters", "generate_mixing_weights", "lors_linear", "lorsify",
-           "make_lors_stack", "select_topk_pixels", "select_windows", "set_backend", "sparse_cross_attention"]
+# Public name -> the module that defines it.
+_API = {
+    "AdaptiveMixing": "adaptive", "LorsAdaptiveMixing": "adaptive", "LorsWeightGenerator": "adaptive",
+    "adaptive_mixing": "adaptive", "generate_mixing_weights": "adaptive",
+    "set_backend": "backend",
+    "count_parameters": "convert", "lorsify": "convert",
+    "HighResCrossAttention": "hrca", "select_topk_pixels": "hrca", "select_windows": "hrca",
+    "sparse_cross_attention": "hrca",
+    "LorsLinear": "lors_linear", "SharedWeight": "lors_linear", "lors_linear": "lors_linear",
+    "make_lors_stack": "lors_linear",
+}
+__all__ = sorted(_API)
+
+
+def _load() -> None:
+    for name, module in _API.items():
+        globals()[name] = getattr(importlib.import_module(f".{module}", __name__), name)
+
+
+def __getattr__(name):
+    if name in _API:
+        _load()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_API))
+
+
+class _Package(types.ModuleType):
+    def __setattr__(self, name, value):
+        # Importing the subpackage lors_kernels.lors_linear would set the attribute lors_linear to it; the
+        # public function of that name keeps it (as it did when this file imported everything).
+        if not (name in _API and isinstance(value, types.ModuleType)):
+            super().__setattr__(name, value)
+
+
+sys.modules[__name__].__class__ = _Package
+if sys.modules.get("torch") is not None:
+    _load()

@@ -7,13 +7,13 @@ import sys
 
 
 def main(argv=None) -> int:
-    from .bench import DTYPES, FAMILIES
+    from .bench import DTYPES, families
 
     parser = argparse.ArgumentParser(prog="python -m lors_kernels")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("env", help="versions, built backends and what is usable on this machine")
     bench = sub.add_parser("bench", help="time each op family against its peers (table, JSON, PNG plot)")
-    bench.add_argument("--op", choices=[*FAMILIES, "all"], default="all")
+    bench.add_argument("--op", choices=[*families(), "all"], default="all")
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (< 2 min on CPU)")

@@ -12,9 +12,42 @@ import json
 import os
 import sys
 
-from .bench import family_tables
-
+# torch-free: regenerating the README needs only the recorded JSON (the package's __init__ is lazy too).
+OURS = "lors_kernels"
 BEGIN, END = "<!-- perf:begin -->", "<!-- perf:end -->"
+
+
+def family_tables(report: dict):
+    """(family, header, rows of cells) per family: what the terminal table and the README show."""
+    results = report["results"]
+    on_gpu = report["machine"]["device"] == "cuda"
+    for family in dict.fromkeys(r["family"] for r in results):
+        rows = [r for r in results if r["family"] == family]
+        peers = [p for p in rows[0]["times"] if p != OURS]
+        header = ["mode", "shape", f"{OURS} ms"] + (["peak MiB"] if on_gpu else [])
+        header += [f"{p} ms" for p in peers] + [f"÷{p}" for p in peers] + ["target"]
+        table = []
+        for r in rows:
+            cells = [r["mode"], r["label"], f"{r['times'][OURS]['median_ms']:.4f}"]
+            if on_gpu:
+                cells.append(f"{(r['peak_bytes'][OURS] or 0) / 2**20:.1f}")
+            cells += [f"{r['times'][p]['median_ms']:.4f}" for p in peers]
+            cells += [f"{r['ratios'][p]:.2f}" for p in peers]
+            verdicts = [f"{'PASS' if ok else 'FAIL'} ≤{r['targets'][p]:.2f}×{p.split()[0]}" for p, ok in r["meets"].items()]
+            cells.append(", ".join(verdicts) or "-")
+            table.append(cells)
+        yield family, header, table
+
+
+def format_table(report: dict) -> str:
+    """The terminal table of `python -m lors_kernels bench`."""
+    lines = []
+    for family, header, table in family_tables(report):
+        widths = [max(len(str(c)) for c in col) for col in zip(header, *table)]
+        lines.append(f"\n{family}  (ratio = time ours / time peer: below 1 is faster)")
+        lines.append("  ".join(h.ljust(w) for h, w in zip(header, widths)))
+        lines += ["  ".join(c.ljust(w) for c, w in zip(row, widths)) for row in table]
+    return "\n".join(lines)
 
 
 def _machine_line(report: dict) -> str:

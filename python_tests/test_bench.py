@@ -1,10 +1,15 @@
 """The main job, `python -m lors_kernels bench`, end to end on this machine in --quick mode."""
 
 import json
+import os
 import subprocess
 import sys
 
-from lors_kernels.bench import FAMILIES
+import torch
+
+from lors_kernels.bench import families
+
+FAMILIES = list(families())
 
 
 def run_cli(*args):
@@ -34,7 +39,6 @@ def test_bench_bad_arguments_give_usage():
 
 def test_readme_performance_section_is_generated_from_recorded_results(tmp_path):
     """The README's numbers come from bench/results/*.json through the generator, never by hand."""
-    import os
     import shutil
 
     from lors_kernels import report
@@ -52,3 +56,26 @@ def test_readme_performance_section_is_generated_from_recorded_results(tmp_path)
     assert report.main(["--check", "--readme", str(stale), "--results", copied]) == 1
     assert report.main(["--readme", str(stale), "--results", copied]) == 0
     assert stale.read_text() == text
+
+
+def test_report_regenerates_the_readme_without_torch():
+    """Rewriting the README's performance section needs only the recorded JSON: torch never imports."""
+    code = ("import sys; sys.modules['torch'] = None; from lors_kernels import report; "
+            "sys.exit(report.main(['--check']))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    assert out.returncode == 0, out.stderr[-2000:]
+
+
+def test_every_family_record_builds_its_cases():
+    """Each Family's providers are what its cases build, ours first, and its targets name real peers."""
+    from lors_kernels.bench import families
+    from lors_kernels.report import OURS
+
+    for family in families().values():
+        shape = family.grid("cpu", True)[0]
+        for mode in family.modes:
+            case = family.case("cpu", torch.float32, shape, mode)
+            assert list(case.providers) == list(family.providers("cpu")) and list(case.providers)[0] == OURS
+        for target in family.targets:
+            assert target.peer in family.providers(target.device), (family.name, target)
