@@ -2,7 +2,8 @@
 
     pip install --no-build-isolation -e .
 
-- C++ CPU kernels (csrc/bindings.cpp, csrc/cpu/*.cpp) are always built when torch is importable.
+- C++ CPU kernels (csrc/module.cpp, csrc/bindings/*.cpp, csrc/cpu/*.cpp) are always built when torch is
+  importable.
 - CUDA kernels (csrc/cuda/*.cu) are added when torch has CUDA and a CUDA toolkit is found;
   LORS_KERNELS_BUILD_CUDA=0|1 overrides (1 without a CUDA torch warns and builds the CPU part).
 - TORCH_CUDA_ARCH_LIST picks the GPU architectures (torch reads it), MAX_JOBS the ninja jobs.
@@ -19,6 +20,7 @@ from setuptools import setup
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 EXT_NAME = "lors_kernels._C"
+CSRC = os.path.join(ROOT, "csrc")  # sources include "cpu/...", "cuda/...", "bindings/..." from here
 
 
 def say(message: str) -> None:
@@ -76,13 +78,13 @@ def extensions_and_commands():
         cxx, link = ["/O2", "/openmp"], []
     elif sys.platform == "darwin":  # Apple clang has no -fopenmp: the kernels then run on one thread
         cxx, link = ["-O3"], []
-    cpu_sources = sources("csrc/bindings.cpp") + sources("csrc/cpu/*.cpp")
+    cpu_sources = sources("csrc/module.cpp") + sources("csrc/bindings/*.cpp") + sources("csrc/cpu/*.cpp")
     # Name fixed here (torch also adds it to the extension it builds itself): the CPU-only retry needs it.
     defines = [("TORCH_EXTENSION_NAME", "_C"), ("TORCH_API_INCLUDE_EXTENSION_H", None)]
 
     # Fresh argument lists per extension: torch appends its flags to them in place.
     cpu_ext = cpp_extension.CppExtension(
-        EXT_NAME, cpu_sources, define_macros=list(defines),
+        EXT_NAME, cpu_sources, define_macros=list(defines), include_dirs=[CSRC],
         extra_compile_args={"cxx": list(cxx)}, extra_link_args=list(link))
     if not want_cuda(torch, cpp_extension):
         return [cpu_ext], {"build_ext": optional_build_ext(cpp_extension.BuildExtension)}
@@ -91,6 +93,7 @@ def extensions_and_commands():
         f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<detected GPUs>')})")
     cuda_ext = cpp_extension.CUDAExtension(
         EXT_NAME, cpu_sources + sources("csrc/cuda/*.cu"), define_macros=defines + [("LORS_WITH_CUDA", None)],
+        include_dirs=[CSRC],
         extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=list(link))
     cuda_ext.cpu_recipe = cpu_ext
     return [cuda_ext], {"build_ext": optional_build_ext(cpp_extension.BuildExtension)}

@@ -1,12 +1,14 @@
 """csrc/cuda, the native CUDA kernels, on any machine and on GPUs.
 
 Without a GPU: every .cu compiles warning-free for sm_80 and sm_90 (nvcc -c, torch's nvcc flags), no
-csrc/cuda file includes torch, and bindings.cpp's CUDA path type-checks with the host compiler; the top-k selection's arithmetic (csrc/cuda/topk_select.h) runs on the
-host through the kernel's passes against the reference; dispatch routes CUDA tensors to the native
+csrc/cuda file includes torch, and the bindings' CUDA paths type-check with the host compiler; the top-k
+selection's arithmetic (csrc/cuda/topk_select.h) runs on the host through the kernel's passes against the
+reference; dispatch routes CUDA tensors to the native
 kernels when the backend is forced to native, and only then (a fake extension and fake CUDA tensors).
 With a GPU and an extension built with CUDA: the kernels against the references.
 """
 
+import contextlib
 import ctypes
 import pathlib
 import re
@@ -52,9 +54,13 @@ def cuda_include_dir():
     return found.group(1) if found else None
 
 
+BINDINGS = sorted((ROOT / "csrc" / "bindings").glob("*.cpp")) + [ROOT / "csrc" / "module.cpp"]
+
+
 @pytest.mark.skipif(NVCC is None or CXX is None, reason="needs nvcc (for the CUDA headers) and a C++ compiler")
-def test_bindings_compile_with_the_cuda_path():
-    """bindings.cpp with LORS_WITH_CUDA, checked by the host compiler against this torch's headers: the
+@pytest.mark.parametrize("source", BINDINGS, ids=lambda p: p.name)
+def test_bindings_compile_with_the_cuda_path(source):
+    """Each binding file with LORS_WITH_CUDA, checked by the host compiler against this torch's headers: the
     CUDA functions' checks and launcher calls type-check even where torch has no CUDA. (The CPU wheel
     lacks one generated c10/cuda header; C10_CUDA_NO_CMAKE_CONFIGURE_FILE is torch's switch to skip it.)"""
     include = cuda_include_dir()
@@ -65,14 +71,13 @@ def test_bindings_compile_with_the_cuda_path():
     system = [include, *cpp_extension.include_paths(), sysconfig.get_paths()["include"]]
     cmd = [CXX, "-fsyntax-only", "-std=c++20", "-Wall", "-Wextra", "-Werror", "-DLORS_WITH_CUDA",
            "-DC10_CUDA_NO_CMAKE_CONFIGURE_FILE", "-DTORCH_EXTENSION_NAME=_C", "-DTORCH_API_INCLUDE_EXTENSION_H",
-           *[flag for path in system for flag in ("-isystem", path)], f"-I{ROOT / 'csrc'}",
-           str(ROOT / "csrc" / "bindings.cpp")]
+           *[flag for path in system for flag in ("-isystem", path)], f"-I{ROOT / 'csrc'}", str(source)]
     result = subprocess.run(cmd, capture_output=True, text=True)
     assert result.returncode == 0, f"{' '.join(cmd)}\n{result.stderr[-6000:]}"
 
 
 def test_cuda_sources_include_no_torch():
-    """The kernels stay plain CUDA (DESIGN.md §4): only bindings.cpp sees torch."""
+    """The kernels stay plain CUDA (nvcc builds them without torch): only csrc/bindings/ sees torch."""
     files = sorted(p for p in CUDA_DIR.iterdir() if p.suffix in (".cu", ".cuh", ".h"))
     assert CU_SOURCES and files, f"no CUDA sources under {CUDA_DIR}"
     include = re.compile(r'^\s*#\s*include\s*[<"](torch|ATen|c10|caffe2)/', re.MULTILINE)
@@ -195,6 +200,10 @@ class FakeCudaTensor(torch.Tensor):
     """A CPU tensor that claims to be on CUDA: what dispatch looks at, without a GPU."""
 
     @property
+    def device(self):
+        return torch.device("cuda", 0)
+
+    @property
     def is_cuda(self):
         return True
 
@@ -228,6 +237,7 @@ def fake_native(monkeypatch):
         select_topk_pixels_cuda=recorder("select_topk_pixels_cuda", lambda *_: torch.zeros(1, dtype=torch.int64)),
     )
     monkeypatch.setattr(backend, "native", lambda: module)
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())  # the launch guard
     return module, calls
 
 
@@ -259,8 +269,8 @@ def test_forced_native_refuses_what_the_cuda_kernel_does_not_take(case, fake_nat
     use_backend("native")
     m, r, dtype = {"rows": (17, 3, torch.float32), "rank": (2, 513, torch.float32),
                    "float64": (2, 3, torch.float64), "not_built": (2, 3, torch.float32)}[case]
-    if case == "not_built":
-        monkeypatch.setattr(module, "built_backends", lambda: ["cpu"])
+    if case == "not_built":  # a CPU-only build has no CUDA functions
+        monkeypatch.delattr(module, "lors_linear_forward_cuda")
     with pytest.raises(RuntimeError, match="backend 'native' has no kernel"):
         lk.lors_linear(*[fake_cuda(t) for t in lors_inputs(m, r, dtype)])
     assert not calls

@@ -1,5 +1,5 @@
 // Adaptive mixing (AdaMixer, and LORS^A's private low-rank parts) on the CPU: raw-pointer kernels, no
-// torch headers (bindings.cpp wraps them). Per query n and group g:
+// torch headers (csrc/bindings/adaptive_mixing.cpp wraps them). Per query n and group g:
 //
 //   M_eff = M + sum_k E^M_k Q^M_k F^M_k        S_eff = S + sum_k E^S_k Q^S_k F^S_k
 //   h     = relu(LN(x @ M_eff))                out   = relu(LN(S_eff @ h))

@@ -1,5 +1,5 @@
 // FASeg's high-resolution cross-attention on the CPU: raw-pointer kernels, no torch headers
-// (bindings.cpp wraps them). Every array is dense row-major; num_threads, where taken, is the most
+// (csrc/bindings/hrca.cpp wraps them). Every array is dense row-major; num_threads, where taken, is the most
 // OpenMP threads to use, and every result is bitwise independent of it.
 #pragma once
 

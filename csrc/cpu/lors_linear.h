@@ -1,4 +1,5 @@
-// Static LORS linear on the CPU: raw-pointer kernels, no torch headers (bindings.cpp wraps them).
+// Static LORS linear on the CPU: raw-pointer kernels, no torch headers (csrc/bindings/lors_linear.cpp wraps
+// them).
 //
 //   y[M, N] = x[M, K] @ weight[N, K]^T + scaling * (x @ down[R, K]^T) @ up[N, R]^T + bias[N]
 //

@@ -1,4 +1,4 @@
-// Element types of the CUDA launchers' raw pointers. Plain C++: bindings.cpp (no nvcc) includes it.
+// Element types of the CUDA launchers' raw pointers. Plain C++: csrc/bindings/ (no nvcc) includes it.
 #pragma once
 
 namespace lors_kernels {

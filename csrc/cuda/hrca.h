@@ -1,5 +1,5 @@
 // FASeg's high-resolution cross-attention on the GPU: the top-k pixel selection. A raw-pointer
-// launcher without torch headers (bindings.cpp wraps it).
+// launcher without torch headers (csrc/bindings/hrca.cpp wraps it).
 //
 // scores [images, queries, low_h * low_w] (dense, row-major) are low-resolution attention scores. A
 // selection row is one map: an image's scores summed over its queries (shared), or one query's

@@ -1,5 +1,5 @@
-// Static LORS linear for decode on the GPU: a raw-pointer launcher, no torch headers (bindings.cpp
-// wraps it).
+// Static LORS linear for decode on the GPU: a raw-pointer launcher, no torch headers
+// (csrc/bindings/lors_linear.cpp wraps it).
 //
 //   y[M, N] = x[M, K] @ weight[N, K]^T + scaling * (x @ down[R, K]^T) @ up[N, R]^T + bias[N]
 //
