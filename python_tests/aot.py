@@ -1,4 +1,4 @@
-"""Ahead-of-time compilation of Triton launches, for tests on machines without a GPU (DESIGN.md §4).
+"""Ahead-of-time compilation of Triton launches, for tests on machines without a GPU (docs/design.md §5).
 
 A test module defines `aot_cases()`: calls of its family's launchers on meta tensors, over the
 shapes and dtypes whose configurations dispatch can pick. `compile_cases(test_module)` runs them in

@@ -50,7 +50,7 @@ class AdaptiveMixing(nn.Module):
 
 
 class LorsAdaptiveMixing(nn.Module):
-    """AdaMixer's mixing across `n_stages` decoder stages with LORS^A (DESIGN.md §1.2).
+    """AdaMixer's mixing across `n_stages` decoder stages with LORS^A (docs/design.md §1.2).
 
     Shared by every stage: the generator of M and S. Private to stage l: K_l = kernel_groups[l]
     rank-r cores per group generated from the query (zero-initialized), their E/F factors for the

@@ -1,7 +1,7 @@
 """Pure-PyTorch high-resolution cross-attention (FASeg's HRCA): selection of the high-resolution
 positions worth attending to, and attention restricted to them. The test oracle and the CPU path.
 
-Selection (DESIGN.md §1.3):
+Selection (docs/design.md §1.3):
 - window: sum the low-resolution scores [B, N, n_low] over queries, keep the k best cells, and expand
   each to its ws x ws window of the high-resolution map (ws = high / low per side).
 - bilinear: upsample the scores to the high-resolution grid (F.interpolate, align_corners=False) and
