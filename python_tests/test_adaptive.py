@@ -225,6 +225,20 @@ def test_triton_generation_one_launch(dtype, with_cores, use_backend):
         assert_close(g, e, dtype, f"grad {i}")
 
 
+def test_triton_generation_strided_biases(use_backend):
+    use_backend("triton")
+    g = torch.Generator().manual_seed(0)
+    q = torch.randn(5, 16, generator=g).to(KERNEL_DEVICE)
+    gen_w, core_w = torch.randn(2 * (4 + 6), 16, generator=g) / 4, torch.randn(2 * 2 * 1 * 4, 16, generator=g) / 4
+    gen_b, core_b = torch.randn(2 * 20, generator=g)[::2], torch.randn(3 * 16, generator=g)[::3]
+    shape = dict(groups=2, in_channels=2, out_channels=2, in_points=2, out_points=3, rank=2)
+    tensors = [t.to(KERNEL_DEVICE) for t in (gen_w, gen_b, core_w, core_b)]
+    got = lk.generate_mixing_weights(q, *tensors, **shape)
+    want = reference.generate_mixing_weights(q.double(), *[t.double() for t in tensors], **shape)
+    for name, a, e in zip(["M", "S", "Q_M", "Q_S"], got, want):
+        assert_close(a, e, torch.float32, name)
+
+
 def test_generation_opcheck_and_errors():
     q = torch.randn(5, 8, requires_grad=True)
     gw, gb = torch.randn(2 * (4 + 6), 8, requires_grad=True), torch.randn(20, requires_grad=True)

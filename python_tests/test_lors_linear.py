@@ -135,6 +135,17 @@ def test_triton_leading_dims_and_noncontiguous(dtype, use_backend):
         assert_close(x.grad, expected[0], dtype, "dx")
 
 
+@pytest.mark.parametrize("m", [5, 300], ids=["fused", "k_extended"])
+def test_triton_strided_bias(m, use_backend):
+    """A bias that is a strided view (b[::3]) is read by its stride, not as if it were dense."""
+    use_backend("triton")
+    x, weight, down, up, _ = make_inputs(m, 24, 20, 4, torch.float32, KERNEL_DEVICE)
+    bias = torch.randn(60, generator=torch.Generator().manual_seed(3)).to(KERNEL_DEVICE)[::3]
+    assert bias.stride() == (3,)
+    assert_close(lk.lors_linear(x, weight, down, up, bias), dense64(x, weight, down, up, bias, 1.0),
+                 torch.float32, "y")
+
+
 def test_triton_only_input_grad_or_only_weight_grad(use_backend):
     use_backend("triton")
     x, weight, down, up, bias = make_inputs(6, 16, 12, 4, torch.float32, KERNEL_DEVICE)

@@ -206,8 +206,9 @@ def mixing_kernel(
 
 @triton.jit
 def _linear_tile(a_ptr, w_ptr, bias_ptr, bias_on, out_ptr, tile, M, N, K, stride_am, stride_ak, stride_wn,
-                 stride_wk, stride_om, stride_on, HAS_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr):
+                 stride_wk, stride_bias, stride_om, stride_on, HAS_BIAS: tl.constexpr, DT: tl.constexpr,
+                 PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                 GROUP_M: tl.constexpr):
     """One [BLOCK_M, BLOCK_N] tile of out = a @ w^T (+ bias where bias_on)."""
     pid_m, pid_n = triton_utils.grouped_tile(tile, M, N, BLOCK_M, BLOCK_N, GROUP_M)
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -219,7 +220,8 @@ def _linear_tile(a_ptr, w_ptr, bias_ptr, bias_on, out_ptr, tile, M, N, K, stride
         w = _tile(w_ptr, k0 + offs_k, offs_n, stride_wk, stride_wn, K, N, DT)
         acc = tl.dot(a, w, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=(offs_n < N) & bias_on, other=0.0).to(tl.float32)[None, :]
+        bias = tl.load(bias_ptr + offs_n * stride_bias, mask=(offs_n < N) & bias_on, other=0.0)
+        acc += bias.to(tl.float32)[None, :]
     _store(out_ptr, acc, offs_m, offs_n, stride_om, stride_on, M, N)
 
 
@@ -227,7 +229,8 @@ def _linear_tile(a_ptr, w_ptr, bias_ptr, bias_on, out_ptr, tile, M, N, K, stride
 def generate_kernel(
     q_ptr, gen_w_ptr, gen_b_ptr, mixing_ptr, core_w_ptr, core_b_ptr, cores_ptr,
     M, N_GEN, N_CORE, K,
-    stride_qm, stride_qk, stride_gn, stride_gk, stride_mm, stride_mn, stride_cn, stride_ck, stride_om, stride_on,
+    stride_qm, stride_qk, stride_gn, stride_gk, stride_gb, stride_mm, stride_mn, stride_cn, stride_ck, stride_cb,
+    stride_om, stride_on,
     GEN_BIAS: tl.constexpr, CORE_BIAS: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
@@ -241,8 +244,9 @@ def generate_kernel(
     _linear_tile(q_ptr, tl.where(gen, gen_w_ptr, core_w_ptr), tl.where(gen, gen_b_ptr, core_b_ptr),
                  tl.where(gen, GEN_BIAS, CORE_BIAS), tl.where(gen, mixing_ptr, cores_ptr), tile, M,
                  tl.where(gen, N_GEN, N_CORE), K, stride_qm, stride_qk, tl.where(gen, stride_gn, stride_cn),
-                 tl.where(gen, stride_gk, stride_ck), tl.where(gen, stride_mm, stride_om),
-                 tl.where(gen, stride_mn, stride_on), GEN_BIAS or CORE_BIAS, DT, PRECISION,
+                 tl.where(gen, stride_gk, stride_ck), tl.where(gen, stride_gb, stride_cb),
+                 tl.where(gen, stride_mm, stride_om), tl.where(gen, stride_mn, stride_on), GEN_BIAS or CORE_BIAS, DT,
+                 PRECISION,
                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
@@ -261,7 +265,8 @@ def generate(q, gen_weight, gen_bias, core_weight, core_bias):
                                        + (0 if cores is None else triton.cdiv(cores.shape[1], block_n)))
     args = (q, gen_weight, q if gen_bias is None else gen_bias, mixing, core_weight_,
             q if core_bias is None else core_bias, cores_, m, mixing.shape[1], 0 if cores is None else cores.shape[1],
-            k, *q.stride(), *gen_weight.stride(), *mixing.stride(), *core_weight_.stride(), *cores_.stride())
+            k, *q.stride(), *gen_weight.stride(), 0 if gen_bias is None else gen_bias.stride(0), *mixing.stride(),
+            *core_weight_.stride(), 0 if core_bias is None else core_bias.stride(0), *cores_.stride())
     constexprs = dict(GEN_BIAS=gen_bias is not None, CORE_BIAS=core_bias is not None, DT=dot_dtype(q),
                       PRECISION=precision(), BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_K=block_k, GROUP_M=8)
     triton_utils.launch(generate_kernel, (tiles,), args, constexprs, num_warps=8, num_stages=3)

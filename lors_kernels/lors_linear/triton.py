@@ -36,7 +36,7 @@ MAX_FUSED_M = 256
 def lors_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, down_ptr, up_ptr, t_ptr,
     M, N, K, R, scaling,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
     stride_dk, stride_dr, stride_ur, stride_un, stride_tm, stride_tr,
     HAS_BIAS: tl.constexpr,   # C += bias[None, :]
     SHRINK: tl.constexpr,     # T = A @ down inside the K loop
@@ -91,7 +91,7 @@ def lors_matmul_kernel(
                              mask=mask_rs[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
                 acc = tl.dot((t_blk * scaling).to(DOT_DTYPE), up, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if STORE_T:
@@ -148,7 +148,8 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
         a, b, out, out if bias is None else bias, out if down is None else down, out if up is None else up,
         out if t_any is None else t_any,
         m, n, k, r, float(scaling),
-        *a.stride(), *b.stride(), *out.stride(), *strides(down), *strides(up), *strides(t_any),
+        *a.stride(), *b.stride(), *out.stride(), 0 if bias is None else bias.stride(0),
+        *strides(down), *strides(up), *strides(t_any),
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None, STORE_T=t_out is not None,
