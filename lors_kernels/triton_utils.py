@@ -3,11 +3,30 @@ function that starts kernels (the AOT tests replace it to collect every launch d
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 TL_DTYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.float32: tl.float32}
+
+
+# What grids are sized for where no GPU is there to ask (the interpreter, AOT tests on meta tensors): an
+# H100 SXM / H200.
+NOMINAL_SMS = 132
+
+
+@functools.cache
+def _sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def sm_count(device: torch.device) -> int:
+    """Multiprocessors of the GPU that tensors on `device` launch on (an H100 PCIe has 114, SXM 132)."""
+    if device.type != "cuda":
+        return NOMINAL_SMS
+    return _sms(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def dot_dtype(*tensors: torch.Tensor) -> tl.dtype:

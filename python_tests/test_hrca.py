@@ -363,6 +363,44 @@ def test_compile_fullgraph_module_cpu(mode):
     assert layer.in_proj_weight.grad is not None and layer.in_proj_weight.grad.abs().sum() > 0
 
 
+# ------------------------------------------------------------------------------------ launch geometry
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
+def test_grids_fit_when_batch_times_heads_passes_65535(per_query, monkeypatch):
+    """B * H = 70000 (heads of a big batch) fits: grid axes 1 and 2 hold at most 65535 programs."""
+    from lors_kernels import triton_utils
+    from lors_kernels.hrca import triton as kernels
+
+    grids = []
+    monkeypatch.setattr(triton_utils, "launch", lambda kernel, grid, *a, **kw: grids.append(grid))
+    b, h, n, s, d = 7000, 10, 3, 16, 16
+    q = torch.empty(b, h, n, d, device="meta")
+    kv = torch.empty(b, h, 40, d, device="meta")
+    index = torch.empty((b, n, s) if per_query else (b, s), device="meta", dtype=torch.int64)
+    _, lse = kernels.attention_forward(q, kv, kv, index, 0.25)
+    for deterministic in (False, True):
+        kernels.attention_backward(q, q, kv, kv, index, q, lse, 0.25, deterministic)
+    assert grids and all(len(grid) == 1 or max(grid[1:]) <= 65535 for grid in grids), grids
+
+
+def test_query_tiles_follow_the_multiprocessor_count(monkeypatch):
+    """Shared sets take query tiles as tall as still give two programs per SM: the count is the device's."""
+    import types
+
+    from lors_kernels import triton_utils
+    from lors_kernels.hrca.triton import _config
+
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: types.SimpleNamespace(multi_processor_count=114))
+    triton_utils._sms.cache_clear()
+    try:
+        assert triton_utils.sm_count(torch.device("cuda", 1)) == 114  # an H100 PCIe
+    finally:
+        triton_utils._sms.cache_clear()
+    assert _config(False, 300, 32, torch.float32, 50, 114)[0] == 64  # 5 tiles x 50 heads >= 2 x 114
+    assert _config(False, 300, 32, torch.float32, 50, 132)[0] == 32  # 250 < 2 x 132: shorter tiles
+
+
 # ------------------------------------------------------------------------------ ahead-of-time compiling
 
 

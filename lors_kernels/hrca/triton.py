@@ -66,15 +66,23 @@ def _times(p, rows, PER_QUERY: tl.constexpr, DT: tl.constexpr, PRECISION: tl.con
 
 
 @triton.jit
+def _tile_and_head(tiles, H):
+    """(tile, b * H + h, b, h) of this program: the grid is [B * H * tiles] with the tiles of one head
+    adjacent (they read the same K/V rows), as one axis because axis 1 holds at most 65535 programs."""
+    pid = tl.program_id(0).to(tl.int64)  # 64-bit: B * H * L * D can pass 2^31
+    bh = pid // tiles
+    return pid % tiles, bh, bh // H, bh % H
+
+
+@triton.jit
 def attention_forward_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, out_ptr, lse_ptr,
-    H, N, S, L, D, scale_log2,
+    tiles, H, N, S, L, D, scale_log2,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, so_b, so_h, so_n,
     PER_QUERY: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
-    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit: B * H * L * D can pass 2^31
-    b, h = bh // H, bh % H
+    pid_n, bh, b, h = _tile_and_head(tiles, H)
     offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
@@ -128,7 +136,7 @@ def _slot_grads_out(dk, dv, index, valid, offs_s, offs_d, D, dk_ptr, dv_ptr, s_l
 @triton.jit
 def attention_query_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dq_ptr, dk_ptr, dv_ptr,
-    H, N, S, L, D, n0, scale_log2, scale,
+    tiles, H, N, S, L, D, n0, scale_log2, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, si_n, sd_b, sd_h, sd_n, sdq_b, sdq_h, sdq_n,
     sg_b, sg_h, sg_n, sg_l,
     PER_QUERY: tl.constexpr, ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr,
@@ -137,8 +145,7 @@ def attention_query_kernel(
     """dq for a tile of queries (from n0 on). Per-query sets: also each slot's dk/dv, atomically into
     dk/dv [B, H, L, D] (strides sg_b, sg_h, sg_l) or stored into a per-slot buffer [B, H, chunk, S, D]
     (strides sg_b, sg_h, sg_n, sg_l)."""
-    pid_n, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)  # 64-bit: B * H * L * D can pass 2^31
-    b, h = bh // H, bh % H
+    pid_n, bh, b, h = _tile_and_head(tiles, H)
     offs_n = n0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     q_mask = (offs_n[:, None] < N) & (offs_d[None, :] < D)
@@ -176,14 +183,13 @@ def attention_query_kernel(
 @triton.jit
 def attention_slot_kernel(
     q_ptr, k_ptr, v_ptr, index_ptr, dout_ptr, lse_ptr, delta_ptr, dk_ptr, dv_ptr,
-    H, N, S, L, D, scale_log2, scale,
+    tiles, H, N, S, L, D, scale_log2, scale,
     sq_b, sq_h, sq_n, sk_b, sk_h, sk_l, sv_b, sv_h, sv_l, si_b, sd_b, sd_h, sd_n, sg_b, sg_h, sg_l,
     ATOMIC: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr,
     DT: tl.constexpr, PRECISION: tl.constexpr,
 ):
     """dk, dv of one block of a shared index set, summed over every query of the (batch, head)."""
-    pid_s, bh = tl.program_id(0), tl.program_id(1).to(tl.int64)
-    b, h = bh // H, bh % H
+    pid_s, bh, b, h = _tile_and_head(tiles, H)
     offs_d = tl.arange(0, BLOCK_D)
     offs_s, index, valid = _index_block(index_ptr + b * si_b, pid_s * BLOCK_S, S, L, BLOCK_S)
     k = _rows(k_ptr + b * sk_b + h * sk_h, index, valid, offs_d, sk_l, D).to(DT)
@@ -213,10 +219,10 @@ def attention_slot_kernel(
 # ------------------------------------------------------------------------------------------- launchers
 
 
-def _config(per_query: bool, n: int, d: int, dtype: torch.dtype, programs_per_query_tile: int):
+def _config(per_query: bool, n: int, d: int, dtype: torch.dtype, programs_per_query_tile: int, sms: int):
     """(BLOCK_N, BLOCK_S, BLOCK_D, num_warps). Per-query programs hold a [BLOCK_S, BLOCK_D] tile per
     operand and reduce it: keep it to 8K elements. Shared sets: query tiles as tall as still give about
-    two programs per SM of a large GPU (a taller tile reuses each loaded K/V block more, but a few
+    two programs per SM (a taller tile reuses each loaded K/V block more, but a few
     hundred queries over B * H heads make few programs); dot tiles halve for rows over 256 bytes
     (D = 128 in fp32, 256 in 16-bit) to stay within sm_80's 163 KB of shared memory."""
     block_d = block(d)
@@ -224,7 +230,7 @@ def _config(per_query: bool, n: int, d: int, dtype: torch.dtype, programs_per_qu
         return 1, max(16, min(128, 8192 // block_d)), block_d, 4
     tile = 64 if block_d * dtype.itemsize <= 256 else 32
     block_n = tile
-    while block_n > 16 and triton.cdiv(n, block_n) * programs_per_query_tile < 2 * 132:
+    while block_n > 16 and triton.cdiv(n, block_n) * programs_per_query_tile < 2 * sms:
         block_n //= 2
     return block_n, tile, block_d, 4 if block_d <= 64 else 8
 
@@ -245,13 +251,13 @@ def attention_forward(q, k, v, index, scale):
     lse = torch.empty((b, h, n), device=q.device, dtype=torch.float32)
     if q.numel() == 0 or index.shape[-1] == 0:  # nothing to launch: every row is empty or fully padded
         return out.zero_(), lse.fill_(float("inf"))
-    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h)
-    args = [q, k, v, index, out, lse, h, n, index.shape[-1], k.shape[2], d, scale * LOG2E,
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h, triton_utils.sm_count(q.device))
+    tiles = triton.cdiv(n, block_n)
+    args = [q, k, v, index, out, lse, tiles, h, n, index.shape[-1], k.shape[2], d, scale * LOG2E,
             *_strides(q), *_strides(k), *_strides(v), *_index_strides(index), *_strides(out)]
     constexprs = dict(PER_QUERY=per_query, BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d,
                       DT=dot_dtype(q), PRECISION=precision())
-    triton_utils.launch(attention_forward_kernel, (triton.cdiv(n, block_n), b * h), args, constexprs, warps,
-                        num_stages=2)
+    triton_utils.launch(attention_forward_kernel, (tiles * b * h,), args, constexprs, warps, num_stages=2)
     return out, lse
 
 
@@ -281,7 +287,7 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
     # fp32 accumulators; fp32 inputs accumulate into the gradients themselves
     dk = torch.zeros((b, h, length, d), device=q.device, dtype=torch.float32)
     dv = torch.zeros_like(dk)
-    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h)
+    block_n, block_s, block_d, warps = _config(per_query, n, d, q.dtype, b * h, triton_utils.sm_count(q.device))
     constexprs = dict(BLOCK_N=block_n, BLOCK_S=block_s, BLOCK_D=block_d, DT=dot_dtype(q), PRECISION=precision())
     common = [h, n, s, length, d]
     strides = [*_strides(q), *_strides(k), *_strides(v)]
@@ -294,24 +300,26 @@ def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
             target, grad_strides = (dk, dv), [dk.stride(0), dk.stride(1), 0, dk.stride(2)]
         for n0 in range(0, n, chunk):
             rows = min(chunk, n - n0)
-            args = [q, k, v, index, dout, lse, delta, dq, *target, *common, n0, scale * LOG2E, scale,
+            args = [q, k, v, index, dout, lse, delta, dq, *target, rows, *common, n0, scale * LOG2E, scale,
                     *strides, *_index_strides(index), *_strides(dout), *_strides(dq), *grad_strides]
-            triton_utils.launch(attention_query_kernel, (rows, b * h), args,
+            triton_utils.launch(attention_query_kernel, (rows * b * h,), args,
                                 dict(PER_QUERY=True, ATOMIC=not deterministic, **constexprs), warps)
             if deterministic:
                 _scatter_rows(dk, target[0][:, :, :rows], index[:, n0:n0 + rows])
                 _scatter_rows(dv, target[1][:, :, :rows], index[:, n0:n0 + rows])
     else:
-        args = [q, k, v, index, dout, lse, delta, dq, dk, dv, *common, 0, scale * LOG2E, scale,
+        tiles = triton.cdiv(n, block_n)
+        args = [q, k, v, index, dout, lse, delta, dq, dk, dv, tiles, *common, 0, scale * LOG2E, scale,
                 *strides, *_index_strides(index), *_strides(dout), *_strides(dq), 0, 0, 0, 0]
-        triton_utils.launch(attention_query_kernel, (triton.cdiv(n, block_n), b * h), args,
+        triton_utils.launch(attention_query_kernel, (tiles * b * h,), args,
                             dict(PER_QUERY=False, ATOMIC=True, **constexprs), warps, num_stages=2)
         target = (dk, dv) if not deterministic else [
             torch.empty((b, h, s, d), device=q.device, dtype=torch.float32) for _ in range(2)]
-        args = [q, k, v, index, dout, lse, delta, *target, *common, scale * LOG2E, scale,
+        tiles = triton.cdiv(s, block_s)
+        args = [q, k, v, index, dout, lse, delta, *target, tiles, *common, scale * LOG2E, scale,
                 *strides, index.stride(0), *_strides(dout), *_strides(target[0])]
         # S / BLOCK_S * B * H programs fill the GPU already: query tiles as tall as the slot blocks
-        triton_utils.launch(attention_slot_kernel, (triton.cdiv(s, block_s), b * h), args,
+        triton_utils.launch(attention_slot_kernel, (tiles * b * h,), args,
                             dict(constexprs, ATOMIC=not deterministic, BLOCK_N=block_s), warps)
         if deterministic:
             _scatter_rows(dk, target[0], index)
