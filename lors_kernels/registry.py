@@ -166,8 +166,9 @@ class Op:
         if torch.compiler.is_compiling():
             return self._visible(self.op(*args))
         self.check(*args)
-        if self.validate is not None:
-            self.validate(*args)
+        if self.validate is not None:  # eager: a clear error, unless a CUDA graph is being captured
+            device = _device(args)
+            self.validate(*args, sync=not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
         impl = self.route(*args)
         if impl.eager is not None:
             return impl.eager(*args)
@@ -242,8 +243,8 @@ class Op:
 
     def _op_forward(self, *args):
         self.check(*args)
-        if self.validate is not None:
-            self.validate(*args)
+        if self.validate is not None:  # compiled graphs (maybe CUDA graphs too): no host sync on a GPU
+            self.validate(*args, sync=_device(args).type != "cuda")
         impl = self.route(*args)
         outputs = _run(impl, impl.forward, args, _device(args))
         # Outputs as the fake made them: fresh, dense.
@@ -279,7 +280,8 @@ def define_op(name: str, schema: str, *, check: Callable, fake: Callable, impls,
 
     schema: ``"(Tensor x, ..., float scaling) -> Tensor"`` (name multiple outputs: ``-> (Tensor out,
     Tensor lse)``). check(*args): raise a clear error for bad input (eager calls, the fake and the op).
-    validate(*args): checks of values that cost a device sync (eager calls and the op). fake(*args):
+    validate(*args, sync): checks of values (eager calls and the op); with sync False they must not
+    wait for the device (in compiled graphs and CUDA-graph capture: a device-side assert). fake(*args):
     outputs of the right shapes. impls: the table, the reference last. returns: how many outputs the
     public call returns (the others only feed the backward). grads: the inputs that get gradients.
     save: the outputs the backward reads (the inputs are always saved).

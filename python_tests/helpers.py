@@ -71,3 +71,27 @@ def op_calls(device="cpu", dtype=torch.float32, grad=True, seed=0):
         "sparse_cross_attention_per_query": Call(lambda: lk.sparse_cross_attention(*attention, per_query),
                                                  attention),
     }
+
+
+class FakeCudaTensor(torch.Tensor):
+    """A CPU tensor that claims to be on a GPU (cuda:0, or the index set on the class): what dispatch
+    looks at, without one. Results of ops on it are FakeCudaTensors too."""
+
+    cuda_index = 0
+
+    @property
+    def device(self):
+        return torch.device("cuda", self.cuda_index)
+
+    @property
+    def is_cuda(self):
+        return True
+
+    @property
+    def is_cpu(self):
+        return False
+
+
+def fake_cuda(t, index=0):
+    cls = FakeCudaTensor if index == 0 else type(f"FakeCuda{index}Tensor", (FakeCudaTensor,), {"cuda_index": index})
+    return t.as_subclass(cls)

@@ -19,6 +19,7 @@ import types
 
 import pytest
 import torch
+from helpers import fake_cuda
 from torch.utils import cpp_extension
 
 import lors_kernels as lk
@@ -194,26 +195,6 @@ def test_host_selection_takes_nan_first(topk_host):
 
 
 # ---------------------------------------------------------------------------------------------- dispatch
-
-
-class FakeCudaTensor(torch.Tensor):
-    """A CPU tensor that claims to be on CUDA: what dispatch looks at, without a GPU."""
-
-    @property
-    def device(self):
-        return torch.device("cuda", 0)
-
-    @property
-    def is_cuda(self):
-        return True
-
-    @property
-    def is_cpu(self):
-        return False
-
-
-def fake_cuda(t):
-    return t.as_subclass(FakeCudaTensor)
 
 
 @pytest.fixture

@@ -233,6 +233,23 @@ def test_out_of_range_index_is_an_error_in_compiled_graphs_too():
         compiled(q, k, v, index + 20)
 
 
+def test_index_check_in_compiled_graphs_on_a_gpu_never_syncs(monkeypatch, use_backend):
+    """Inside the op (what compiled graphs and CUDA graphs run) CUDA indices are checked by a device-side
+    assert: no .tolist(), so capture and reduce-overhead compile work; eager calls keep the clear error."""
+    from helpers import fake_cuda
+
+    use_backend("reference")  # PyTorch runs on the fake GPU tensors' CPU data
+    q, k, v, index = attention_inputs(1, 2, 3, 20, 6, 8, False, torch.float32, "cpu")
+    args = [fake_cuda(t) for t in (q, k, v)]
+    monkeypatch.setattr(torch.Tensor, "tolist", lambda self: pytest.fail("the op synced the host"))
+    torch.ops.lors.sparse_cross_attention(*args, fake_cuda(index), 0.3)  # valid: no error, no sync
+    with pytest.raises(RuntimeError, match="index entries must be -1"):  # the assert (on CPU data here)
+        torch.ops.lors.sparse_cross_attention(*args, fake_cuda(index + 20), 0.3)
+    monkeypatch.undo()
+    with pytest.raises(IndexError, match=r"must be -1 .* got values in \[19, "):
+        lk.sparse_cross_attention(q, k, v, index + 20)
+
+
 def dyadic_scores(b, n, n_low, seed):
     """Multiples of 1/8: bilinear weights for power-of-two ratios are dyadic too, so the upsampled values
     are exact in fp32 and float64 alike, and ties are frequent."""

@@ -1,10 +1,12 @@
 """The op registry: a toy family built by docs/design.md's checklist, and what every op gets from it."""
 
+import contextlib
+
 import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import KERNEL_DEVICE, assert_close, dtype_id, op_calls
+from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, op_calls
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lors_kernels import registry, triton_utils
@@ -110,6 +112,16 @@ def test_layout_guard_makes_inputs_dense_for_the_kernels_that_ask():
     registry._run(rows, rows.forward, (torch.randn(4, 6)[:, ::2], 1.0), torch.device("cpu"))
     registry._run(rows, rows.forward, (torch.randn(8, 6)[::2], 1.0), torch.device("cpu"))
     assert seen == [True, (3, 1), (12, 1)]  # a row-strided view is kept as it is
+
+
+def test_launches_go_to_the_inputs_device(monkeypatch):
+    """Inputs on cuda:1 while another device is current: forward and backward launch under cuda:1."""
+    entered = []
+    monkeypatch.setattr(torch.cuda, "device", lambda device: entered.append(device) or contextlib.nullcontext())
+    x = fake_cuda(torch.randn(6), index=1).requires_grad_()
+    scaled_relu(x, scale=2.0).sum().backward()  # Triton under the interpreter, on the CPU data
+    assert entered == [torch.device("cuda", 1)] * 2
+    assert_close(x.grad, 2.0 * (x.detach() > 0).double(), torch.float32, "dx")
 
 
 # --------------------------------------------------------------------------- every op of the package

@@ -146,14 +146,20 @@ def check_inputs(q, k, v, index, scale=None) -> None:
                          f"k={k.device}, v={v.device}, index={index.device}")
 
 
-def check_index_range(q, k, v, index, scale=None) -> None:
-    """Out-of-range entries would read and write outside k/v: one min/max reduction (one device sync)."""
-    if index.numel():
-        low, high = torch.stack(torch.aminmax(index)).tolist()
-        length = k.shape[2]
-        if low < -1 or high >= length:
-            raise IndexError(f"sparse_cross_attention: index entries must be -1 (padding) or in [0, {length}) "
-                             f"(L = {length} keys), got values in [{low}, {high}]")
+def check_index_range(q, k, v, index, scale=None, *, sync: bool = True) -> None:
+    """Out-of-range entries would read and write outside k/v. With sync, a clear error from one min/max
+    reduction (one device sync in eager calls); without (compiled graphs and CUDA-graph capture on a
+    GPU), a device-side assert that never stops the host, and that ends the CUDA context if it fails."""
+    if not index.numel():
+        return
+    length = k.shape[2]
+    message = f"sparse_cross_attention: index entries must be -1 (padding) or in [0, {length}) (L = {length} keys)"
+    if not sync:
+        torch._assert_async(((index >= -1) & (index < length)).all(), message)
+        return
+    low, high = torch.stack(torch.aminmax(index)).tolist()
+    if low < -1 or high >= length:
+        raise IndexError(f"{message}, got values in [{low}, {high}]")
 
 
 def _triton_attention(q, k, v, index, scale):
