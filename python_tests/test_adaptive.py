@@ -121,6 +121,29 @@ def test_triton_forward_backward(dtype, shape, use_backend):
         assert err <= slack * RTOL[dtype], f"{name}: relative error {err:.2e} ({dtype_id(dtype)})"
 
 
+@pytest.mark.parametrize("programs", [1, 3])
+def test_triton_backward_programs_loop_over_tiles(programs, use_backend, monkeypatch):
+    """Fewer persistent programs than (query, group) tiles: 14 tiles on 3 programs (5, 5, 4) or one; the
+    E/F partial sums of each program add up to the float64 gradients, the same bits on every run."""
+    from lors_kernels import triton_utils
+
+    use_backend("triton")
+    monkeypatch.setattr(triton_utils, "sm_count", lambda device: programs)
+    x, m, s, cp, sp = make_inputs(7, 2, 5, 6, 6, 7, 3, 2, 1, torch.float32, KERNEL_DEVICE)
+    leaves = [t.requires_grad_() for t in leaves_of(x, m, s, cp, sp)]
+    dout = torch.randn(7, 2, 7, 6, generator=torch.Generator().manual_seed(2)).to(KERNEL_DEVICE)
+
+    def grads():
+        return torch.autograd.grad(lk.adaptive_mixing(x, m, s, channel_private=cp, spatial_private=sp), leaves, dout)
+
+    first, second = grads(), grads()
+    leaves64 = [t.detach().double().requires_grad_() for t in leaves]
+    out64 = loops64(*leaves64[:3], tuple(leaves64[3:6]), tuple(leaves64[6:]))
+    for i, (a, b, e) in enumerate(zip(first, second, torch.autograd.grad(out64, leaves64, dout.double()))):
+        assert torch.equal(a, b)
+        assert_close(a, e, torch.float32, f"grad {i}")
+
+
 def test_leading_batch_dims_and_empty_batch(use_backend):
     use_backend("triton")
     x, m, s, cp, sp = make_inputs(6, 2, 5, 4, 4, 6, 2, 1, 1, torch.float32, KERNEL_DEVICE)

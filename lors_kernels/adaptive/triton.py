@@ -6,9 +6,10 @@ Forward:  pre1 = x @ M + sum_k ((x @ E^M_k) @ Q^M_k) @ F^M_k       (never a C_in
           out  = relu(LN(pre2))
 Backward recomputes pre1, h and pre2 from the inputs instead of saving them: saving h and pre2 would
 cost BN*G*(P_in + P_out)*C_out*4 bytes (315 MB for B=16, N=100 at the LORS paper's shapes), while the
-recompute is one more forward's worth of on-chip FLOPs. E and F are shared by every query, so their
-gradients are accumulated across programs with fp32 atomics: their rounding depends on the order the
-programs run in (not bitwise deterministic; every other output is).
+recompute is one more forward's worth of on-chip FLOPs. E and F are shared by every query: the
+backward runs one persistent program per SM over the (query, group) tiles, each adding its tiles' E/F
+gradients into its own fp32 slice of a partial-sum buffer, summed over programs afterwards. No atomics:
+bitwise the same on every run (for one GPU model), and no hot spot of ~10^7 atomics on ~10^4 addresses.
 """
 
 from __future__ import annotations
@@ -96,11 +97,11 @@ def _store(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
 
 
 @triton.jit
-def _atomic_add(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
+def _accumulate(ptr, val, rows, cols, stride_r, stride_c, n_rows, n_cols):
+    """ptr[rows, cols] += val in this program's own slice (no other program touches it: no atomics)."""
     mask = (rows[:, None] < n_rows) & (cols[None, :] < n_cols)
-    # relaxed: nothing reads these sums before the kernel ends; the default acq_rel adds a GPU-wide
-    # fence and an L1 invalidate to every call (sm_90 SASS)
-    tl.atomic_add(ptr + rows[:, None] * stride_r + cols[None, :] * stride_c, val, mask=mask, sem="relaxed")
+    at = ptr + rows[:, None] * stride_r + cols[None, :] * stride_c
+    tl.store(at, tl.load(at, mask=mask, other=0.0) + val, mask=mask)
 
 
 @triton.jit
@@ -122,7 +123,7 @@ def mixing_kernel(
     x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr,
     em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
     dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr,
-    G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+    TILES, G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
     sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
     sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
     ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
@@ -130,18 +131,48 @@ def mixing_kernel(
     BLOCK_PI: tl.constexpr, BLOCK_CI: tl.constexpr, BLOCK_CO: tl.constexpr, BLOCK_PO: tl.constexpr,
     BLOCK_R: tl.constexpr, BACKWARD: tl.constexpr,
 ):
-    """One (query, group) tile. Forward: writes out to out_ptr. BACKWARD: reads d out from out_ptr and
-    writes the gradients; dx, dM, dS, dQ are this program's alone and share their inputs' strides
-    (the launcher passes contiguous inputs); dE, dF are sums over queries, accumulated into
-    contiguous fp32 buffers [G*K, *, r] and [G*K, r, *]."""
+    """(Query, group) tiles, from this program's on in steps of the grid: one each in the forward, which
+    writes out to out_ptr. BACKWARD: reads d out from out_ptr and writes the gradients; dx, dM, dS, dQ
+    are each tile's alone and share their inputs' strides (the launcher passes contiguous inputs); dE,
+    dF are sums over queries, added into this program's slice of contiguous fp32 partial sums
+    [programs, G*K, *, r] and [programs, G*K, r, *]."""
     pid = tl.program_id(0)
-    n = (pid // G).to(tl.int64)
-    g = pid % G
     offs_pi = tl.arange(0, BLOCK_PI)
     offs_ci = tl.arange(0, BLOCK_CI)
     offs_co = tl.arange(0, BLOCK_CO)
     offs_po = tl.arange(0, BLOCK_PO)
     offs_r = tl.arange(0, BLOCK_R)
+    # This program's partial sums of dE^M, dF^M, dE^S, dF^S.
+    dem_ptr += pid.to(tl.int64) * (G * KM * C_IN * R)
+    dfm_ptr += pid.to(tl.int64) * (G * KM * R * C_OUT)
+    des_ptr += pid.to(tl.int64) * (G * KS * P_OUT * R)
+    dfs_ptr += pid.to(tl.int64) * (G * KS * R * P_IN)
+    for tile in range(pid, TILES, tl.num_programs(0)):
+        n = (tile // G).to(tl.int64)
+        g = tile % G
+        _mixing_tile(
+            x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr, em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
+            dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr, n, g, G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+            sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
+            sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+            ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+            offs_pi, offs_ci, offs_co, offs_po, offs_r,
+            CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION, BLOCK_CI, BLOCK_PI, BACKWARD,
+        )
+
+
+@triton.jit
+def _mixing_tile(
+    x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr, em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
+    dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr, n, g, G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+    sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
+    sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+    ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+    offs_pi, offs_ci, offs_co, offs_po, offs_r,
+    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_CI: tl.constexpr, BLOCK_PI: tl.constexpr, BACKWARD: tl.constexpr,
+):
+    """The forward, or forward and backward, of the tile of query n, group g."""
     x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
     mat, s, xhat1, rstd1, h, xhat2, rstd2, out = _forward_tiles(
         x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
@@ -157,51 +188,51 @@ def mixing_kernel(
     out_ptrs = out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c
     if not BACKWARD:
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask2)
-        return
-    dout = tl.load(out_ptrs, mask=mask2, other=0.0).to(tl.float32)
-    dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
-    dpre2_dt = dpre2.to(DT)
-    h_dt = h.to(DT)
+    else:
+        dout = tl.load(out_ptrs, mask=mask2, other=0.0).to(tl.float32)
+        dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
+        dpre2_dt = dpre2.to(DT)
+        h_dt = h.to(DT)
 
-    # Spatial mixing: pre2 = S h + sum_k E_k Q_k F_k h.
-    _store(ds_ptr + n * ss_n + g * ss_g, tl.dot(dpre2_dt, tl.trans(h_dt), input_precision=PRECISION),
-           offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN)
-    dh = tl.dot(tl.trans(s), dpre2_dt, input_precision=PRECISION)
-    if SPATIAL_PRIVATE:
-        for kk in range(KS):
-            j = g * KS + kk
-            e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
-            q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
-            f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
-            de, dq, df, dh_k = _chain_backward(e, q, f, h_dt, dpre2_dt, DT, PRECISION)
-            _atomic_add(des_ptr + j * P_OUT * R, de, offs_po, offs_r, R, 1, P_OUT, R)
-            _store(dqs_ptr + n * sqs_n + j * sqs_j, dq, offs_r, offs_r, sqs_r, sqs_s, R, R)
-            _atomic_add(dfs_ptr + j * R * P_IN, df, offs_r, offs_pi, P_IN, 1, R, P_IN)
-            dh += dh_k
+        # Spatial mixing: pre2 = S h + sum_k E_k Q_k F_k h.
+        _store(ds_ptr + n * ss_n + g * ss_g, tl.dot(dpre2_dt, tl.trans(h_dt), input_precision=PRECISION),
+               offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN)
+        dh = tl.dot(tl.trans(s), dpre2_dt, input_precision=PRECISION)
+        if SPATIAL_PRIVATE:
+            for kk in range(KS):
+                j = g * KS + kk
+                e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
+                q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
+                f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
+                de, dq, df, dh_k = _chain_backward(e, q, f, h_dt, dpre2_dt, DT, PRECISION)
+                _accumulate(des_ptr + j * P_OUT * R, de, offs_po, offs_r, R, 1, P_OUT, R)
+                _store(dqs_ptr + n * sqs_n + j * sqs_j, dq, offs_r, offs_r, sqs_r, sqs_s, R, R)
+                _accumulate(dfs_ptr + j * R * P_IN, df, offs_r, offs_pi, P_IN, 1, R, P_IN)
+                dh += dh_k
 
-    # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
-    mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
-    dpre1 = _layer_norm_relu_backward(dh, xhat1, rstd1, mask1, P_IN * C_OUT)
-    dpre1_dt = dpre1.to(DT)
-    _store(dm_ptr + n * sm_n + g * sm_g, tl.dot(tl.trans(x), dpre1_dt, input_precision=PRECISION),
-           offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
-    dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
-    if CHANNEL_PRIVATE:
-        # pre1^T = F^T Q^T E^T x^T: the spatial chain's shape, on tiles loaded and stored transposed.
-        x_t, dpre1_t = tl.trans(x), tl.trans(dpre1_dt)
-        dx_t = tl.zeros((BLOCK_CI, BLOCK_PI), dtype=tl.float32)
-        for kk in range(KM):
-            j = g * KM + kk
-            f_t = _tile(fm_ptr + j * sfm_j, offs_co, offs_r, sfm_b, sfm_r, C_OUT, R, DT)
-            q_t = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_s, sqm_r, R, R, DT)
-            e_t = _tile(em_ptr + j * sem_j, offs_r, offs_ci, sem_r, sem_a, R, C_IN, DT)
-            df_t, dq_t, de_t, dx_k = _chain_backward(f_t, q_t, e_t, x_t, dpre1_t, DT, PRECISION)
-            _atomic_add(dfm_ptr + j * R * C_OUT, df_t, offs_co, offs_r, 1, C_OUT, C_OUT, R)
-            _store(dqm_ptr + n * sqm_n + j * sqm_j, dq_t, offs_r, offs_r, sqm_s, sqm_r, R, R)
-            _atomic_add(dem_ptr + j * C_IN * R, de_t, offs_r, offs_ci, 1, R, R, C_IN)
-            dx_t += dx_k
-        dx += tl.trans(dx_t)
-    _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
+        # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
+        mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
+        dpre1 = _layer_norm_relu_backward(dh, xhat1, rstd1, mask1, P_IN * C_OUT)
+        dpre1_dt = dpre1.to(DT)
+        _store(dm_ptr + n * sm_n + g * sm_g, tl.dot(tl.trans(x), dpre1_dt, input_precision=PRECISION),
+               offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
+        dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
+        if CHANNEL_PRIVATE:
+            # pre1^T = F^T Q^T E^T x^T: the spatial chain's shape, on tiles loaded and stored transposed.
+            x_t, dpre1_t = tl.trans(x), tl.trans(dpre1_dt)
+            dx_t = tl.zeros((BLOCK_CI, BLOCK_PI), dtype=tl.float32)
+            for kk in range(KM):
+                j = g * KM + kk
+                f_t = _tile(fm_ptr + j * sfm_j, offs_co, offs_r, sfm_b, sfm_r, C_OUT, R, DT)
+                q_t = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_s, sqm_r, R, R, DT)
+                e_t = _tile(em_ptr + j * sem_j, offs_r, offs_ci, sem_r, sem_a, R, C_IN, DT)
+                df_t, dq_t, de_t, dx_k = _chain_backward(f_t, q_t, e_t, x_t, dpre1_t, DT, PRECISION)
+                _accumulate(dfm_ptr + j * R * C_OUT, df_t, offs_co, offs_r, 1, C_OUT, C_OUT, R)
+                _store(dqm_ptr + n * sqm_n + j * sqm_j, dq_t, offs_r, offs_r, sqm_s, sqm_r, R, R)
+                _accumulate(dem_ptr + j * C_IN * R, de_t, offs_r, offs_ci, 1, R, R, C_IN)
+                dx_t += dx_k
+            dx += tl.trans(dx_t)
+        _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
 
 
 @triton.jit
@@ -298,20 +329,20 @@ def _shapes(x, m, s, channel_private, spatial_private):
     return bn, groups, p_in, c_in, c_out, p_out, r, km, ks
 
 
-def _launch(x, m, s, io, grads, channel_private, spatial_private, eps, backward):
+def _launch(x, m, s, io, grads, channel_private, spatial_private, eps, backward, programs=None):
     """One mixing_kernel start over every (query, group): `io` is the output (forward) or the incoming
     gradient (backward); `grads` the nine gradient pointers (dx, dM, dS, dE^M, dQ^M, dF^M, dE^S,
-    dQ^S, dF^S), which the forward never touches."""
+    dQ^S, dF^S; dE and dF: `programs` slices of partial sums), which the forward never touches."""
     bn, groups, p_in, c_in, c_out, p_out, r, km, ks = _shapes(x, m, s, channel_private, spatial_private)
     (em, qm, fm), cm_strides, _ = _private_args(channel_private, x)
     (es, qs, fs), sp_strides, _ = _private_args(spatial_private, x)
     blocks, warps = _config(p_in, c_in, c_out, p_out, r)
     args = (x, m, s, io, *grads[:3], em, qm, fm, es, qs, fs, *grads[3:],
-            groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
+            bn * groups, groups, km, ks, r, p_in, c_in, c_out, p_out, float(eps),
             *x.stride(), *m.stride(), *s.stride(), *io.stride(), *cm_strides, *sp_strides)
     constexprs = dict(CHANNEL_PRIVATE=km > 0, SPATIAL_PRIVATE=ks > 0, DT=dot_dtype(x), PRECISION=precision(),
                       BACKWARD=backward, **blocks)
-    triton_utils.launch(mixing_kernel, (bn * groups,), args, constexprs, warps)
+    triton_utils.launch(mixing_kernel, (programs or bn * groups,), args, constexprs, warps)
 
 
 def mixing_forward(x, m, s, channel_private, spatial_private, eps):
@@ -336,19 +367,21 @@ def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
     assert backward_fits(x.dtype, s.shape[2], m.shape[3]), "op.py sends this case to the reference"
     # Inputs are contiguous (the op's layout): gradients allocated like them share their strides.
     dx, dm, ds = torch.empty_like(x), torch.empty_like(m), torch.empty_like(s)
+    # One persistent program per SM (the backward's tiles take most of an SM's shared memory), each with
+    # its own zeroed fp32 slice of the E/F partial sums.
+    programs = max(1, min(bn * groups, triton_utils.sm_count(x.device)))
 
     def private_grads(private):
         if private is None:
             return None
         e, q, f = private
-        # E and F gradients sum over queries: fp32 accumulators, zeroed.
-        return (torch.zeros(e.shape, device=e.device, dtype=torch.float32), torch.empty_like(q),
-                torch.zeros(f.shape, device=f.device, dtype=torch.float32))
+        return (torch.zeros((programs, *e.shape), device=e.device, dtype=torch.float32), torch.empty_like(q),
+                torch.zeros((programs, *f.shape), device=f.device, dtype=torch.float32))
 
     dcm, dsp = private_grads(channel_private), private_grads(spatial_private)
     if bn * groups > 0:
         grads = (dx, dm, ds, *(dcm or (x, x, x)), *(dsp or (x, x, x)))
-        _launch(x, m, s, dout, grads, channel_private, spatial_private, eps, backward=True)
+        _launch(x, m, s, dout, grads, channel_private, spatial_private, eps, backward=True, programs=programs)
     else:
         dx.zero_(), dm.zero_(), ds.zero_()
         for grads in (dcm, dsp):
@@ -359,6 +392,6 @@ def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
         if grads is None:
             return None
         de, dq, df = grads
-        return de.to(private[0].dtype), dq, df.to(private[2].dtype)
+        return de.sum(0).to(private[0].dtype), dq, df.sum(0).to(private[2].dtype)
 
     return dx, dm, ds, finish(dcm, channel_private), finish(dsp, spatial_private)
