@@ -248,6 +248,23 @@ class LorsLinear(nn.Module):
         return layer
 
     @classmethod
+    def from_lora(cls, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None,
+                  scaling: float = 1.0, dropout: float = 0.0) -> "LorsLinear":
+        """The layer ``y = x weight^T + bias + scaling * (dropout(x) down^T) up^T``: a LoRA-adapted linear
+        (down = lora_A [r, in], up = lora_B [out, r]) with its own shared weight. Copies, in weight's dtype."""
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(
+                weight.shape):
+            raise ValueError(f"LorsLinear.from_lora: weight {list(weight.shape)} needs down [r, {weight.shape[1]}] and "
+                             f"up [{weight.shape[0]}, r], got {list(down.shape)} and {list(up.shape)}")
+        layer = cls(weight.shape[1], weight.shape[0], rank=down.shape[0], bias=bias is not None, scaling=scaling,
+                    dropout=dropout, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            for mine, given in ((layer.shared.weight, weight), (layer.down, down), (layer.up, up), (layer.bias, bias)):
+                if given is not None:
+                    mine.copy_(given)
+        return layer
+
+    @classmethod
     def from_peft(cls, lora_layer: nn.Module, adapter_name: Optional[str] = None) -> "LorsLinear":
         """The LorsLinear computing what a PEFT LoRA layer (``peft.tuners.lora.Linear``) computes with one
         adapter: shared = the base weight, down = lora_A, up = lora_B, scaling = PEFT's (alpha / r, or
@@ -271,22 +288,17 @@ class LorsLinear(nn.Module):
                              "LorsLinear holds plain LoRA only")
         base = lora_layer.get_base_layer()
         weight = base.weight.t() if getattr(lora_layer, "fan_in_fan_out", False) else base.weight
-        down = lora_layer.lora_A[adapter_name].weight
-        up_layer = lora_layer.lora_B[adapter_name]
+        down, up = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name]
         scaling = lora_layer.scaling[adapter_name]
-        dropout = lora_layer.lora_dropout[adapter_name]
-        bias = [b for b in (base.bias, up_layer.bias) if b is not None]
-        layer = cls(weight.shape[1], weight.shape[0], rank=down.shape[0], bias=bool(bias), scaling=scaling,
-                    dropout=getattr(dropout, "p", 0.0), device=weight.device, dtype=weight.dtype)
+        biases = [b for b in (base.bias, None if up.bias is None else up.bias * scaling) if b is not None]
         with torch.no_grad():
-            for mine, theirs in ((layer.shared.weight, weight), (layer.down, down), (layer.up, up_layer.weight)):
-                mine.copy_(theirs)
-                mine.requires_grad_(theirs.requires_grad)
-            if bias:
-                layer.bias.copy_(base.bias if base.bias is not None else torch.zeros_like(layer.bias))
-                if up_layer.bias is not None:
-                    layer.bias.add_(up_layer.bias * scaling)
-                layer.bias.requires_grad_(any(b.requires_grad for b in bias))
+            bias = sum(b.to(weight.dtype) for b in biases) if biases else None
+        layer = cls.from_lora(weight, down, up.weight, bias, scaling=scaling,
+                              dropout=getattr(lora_layer.lora_dropout[adapter_name], "p", 0.0))
+        for mine, theirs in ((layer.shared.weight, [weight]), (layer.down, [down]), (layer.up, [up.weight]),
+                             (layer.bias, [base.bias, up.bias])):
+            if mine is not None:
+                mine.requires_grad_(any(t is not None and t.requires_grad for t in theirs))
         return layer.train(lora_layer.training)
 
     def extra_repr(self) -> str:
