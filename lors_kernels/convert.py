@@ -273,6 +273,17 @@ def _eval_mode(*models: nn.Module):
             m.training = training
 
 
+@contextmanager
+def _frozen(parameters: List[nn.Parameter]):
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) -> None:
     """Run the calibration batches through ``model`` (eval mode) with ``hooks[layer](x, y)`` on each layer."""
@@ -516,7 +527,9 @@ def distill(student: nn.Module, teacher: nn.Module, calibration, *, steps: int =
         raise ValueError("distill: nothing to train (no LorsLinear parameter requires grad; pass parameters=)")
     pick = output or _first_tensor
     errors = []
-    with _eval_mode(student, teacher):
+    trained = {id(p) for p in parameters}
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trained]
+    with _eval_mode(student, teacher), _frozen(frozen):  # no gradient work for what is not trained
         with torch.no_grad():
             targets = [pick(_run(teacher, batch)).detach() for batch in batches]
         optimizer = torch.optim.Adam(parameters, lr=lr)

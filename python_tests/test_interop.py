@@ -382,6 +382,7 @@ def test_distill_reduces_the_output_error():
     assert len(errors) == 30 and errors[-1] < 0.5 * errors[0]
     assert student.training and not teacher.training  # modes restored
     assert torch.equal(student.embeddings.word_embeddings.weight, embeddings)  # only LORS layers trained
+    assert student.embeddings.word_embeddings.weight.requires_grad  # and the others are trainable again
     with pytest.raises(ValueError, match="nothing to train"):
         distill(teacher, teacher, calibration, steps=1)
     with pytest.raises(ValueError, match="steps must be"):
