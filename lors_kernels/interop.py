@@ -61,9 +61,10 @@ def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optio
     ``LorsLinear.from_lora`` of its weight and bias with down = lora_A, up = lora_B (+ lora_B's bias),
     scaling from ``config`` and dropout = lora_dropout. The outputs equal PEFT's model with that adapter.
 
-    state_dict: the adapter's tensors, as ``peft.get_peft_model_state_dict`` or ``adapter_model.safetensors``
-        hold them (``base_model.model.<module>.lora_A.weight``), or a PeftModel's own state dict (with
-        adapter names: give ``adapter_name`` when there are several).
+    state_dict: the adapter's tensors only, as ``peft.get_peft_model_state_dict`` or
+        ``adapter_model.safetensors`` hold them (``base_model.model.<module>.lora_A.weight``); keys that
+        name the adapter (``<module>.lora_A.<adapter>.weight``) are taken too, and with several adapters
+        ``adapter_name`` says which.
     config: a peft LoraConfig, or the Mapping of ``adapter_config.json``: lora_alpha, alpha_pattern,
         use_rslora, lora_dropout are read; the ranks are the tensors' shapes.
     Returns the names of the layers replaced.

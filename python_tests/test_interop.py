@@ -3,6 +3,7 @@ weight once, safetensors / save_pretrained round trips, PEFT (against PEFT's own
 parameter count as an int, the kappa report, distillation."""
 
 import copy
+import io
 import json
 import math
 import os
@@ -75,6 +76,11 @@ def test_weight_reads_and_replacement():
     layer.weight.square().sum().backward()  # a read is differentiable
     assert layer.up.grad is not None and layer.shared.weight.grad is not None
     assert type(layer.weight + 1) is torch.Tensor and type(F.linear(torch.randn(2, 6), layer.weight)) is torch.Tensor
+    saved = io.BytesIO()  # saved or copied, it is a plain tensor (not the layer with it)
+    torch.save({"w": layer.weight.data}, saved)
+    saved.seek(0)
+    for copied in (torch.load(saved)["w"], copy.deepcopy(layer.weight.detach())):
+        assert type(copied) is torch.Tensor and torch.equal(copied, layer.effective_weight().detach())
     with pytest.raises(AttributeError, match="cannot be replaced or tied"):
         layer.weight = nn.Parameter(torch.zeros(4, 6))
     with pytest.raises(ValueError, match=r"LorsLinear.weight is \[4, 6\]"):
@@ -334,6 +340,13 @@ def test_load_lora_state_dict_equals_peft(variant):
     plain = Mlp().eval()
     interop.load_lora(plain, adapter, config)
     torch.testing.assert_close(plain(x), peft(x))
+    named = {k: v for k, v in peft.state_dict().items() if ".lora_" in k}  # keys with the adapter's name
+    two = {**named, **{k.replace(".default.", ".other."): torch.zeros_like(v) for k, v in named.items()}}
+    with pytest.raises(ValueError, match=r"adapters \['default', 'other'\]: give adapter_name"):
+        interop.load_lora(Mlp(), two, config)
+    by_name = Mlp().eval()
+    interop.load_lora(by_name, two, config, adapter_name="default")
+    torch.testing.assert_close(by_name(x), peft(x))
     with pytest.raises(ValueError, match="not plain LoRA"):
         interop.load_lora(Mlp(), {**adapter, "base_model.model.head.weight": torch.zeros(3, 16)}, config)
     with pytest.raises(ValueError, match="only nn.Linear"):

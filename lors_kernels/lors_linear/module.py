@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import math
 import warnings
 import weakref
@@ -338,6 +339,16 @@ class EffectiveWeight(Tensor):
         out = t.as_subclass(cls)
         out._lors_layer, out._lors_root = layer, root
         return out
+
+    def _plain(self) -> Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor)
+
+    def __reduce_ex__(self, protocol):  # pickled (torch.save) as the plain tensor, without its layer
+        return self._plain().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self._plain(), memo)
 
     def _aliases_root(self, t) -> bool:
         root = self._lors_root
