@@ -367,7 +367,9 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
     scaling: the LorsLinear layers' scaling (non-zero); requires_grad is carried over from each layer.
 
     Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
-    fits (and, for "pca", when the calibration inputs span the layer's input space).
+    fits (and, for "pca", when the calibration inputs span the layer's input space). A stack that saves
+    no parameter is warned about. A Hugging Face model's config gets the stacks (``config.lors``, see
+    ``lors_structure``), so that ``save_pretrained`` records them.
     """
     if method not in ("svd", "pca"):
         raise ValueError(f"lorsify: method must be 'svd' or 'pca', got {method!r}")
