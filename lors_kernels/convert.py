@@ -10,7 +10,9 @@ the layer's outputs on calibration inputs (``method="pca"``, Atomic Feature Mimi
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from fractions import Fraction
@@ -21,7 +23,8 @@ from torch import Tensor, nn
 
 from .lors_linear.module import LorsLinear, SharedWeight, shared_stacks
 
-__all__ = ["ParameterCount", "StackCount", "StackReport", "count_parameters", "lorsify", "rank_for_ratio"]
+__all__ = ["ParameterCount", "StackCount", "StackReport", "count_parameters", "distill", "lors_structure", "lorsify",
+           "rank_for_ratio", "restore_lors"]
 
 
 def rank_for_ratio(in_features: int, out_features: int, kappa: float) -> int:
@@ -83,16 +86,29 @@ class StackCount:
         return self.total / max(self.layers, 1)
 
 
-@dataclass
-class ParameterCount:
-    """``total`` counts every parameter once; ``stacks`` breaks the stacked ones down; ``other`` is the rest."""
+class ParameterCount(int):
+    """The number of parameters, each counted once: an int (``int()``, arithmetic, comparisons, format
+    specs such as ``f"{count:,}"``) that also has ``stacks``, breaking the stacked ones down, and
+    ``other``, the rest. ``str()`` is the table."""
 
-    total: int
-    stacks: List[StackCount]
+    def __new__(cls, total: int, stacks: Sequence[StackCount] = ()):
+        count = super().__new__(cls, total)
+        count.stacks = list(stacks)
+        return count
+
+    def __getnewargs__(self):
+        return int(self), self.stacks
+
+    @property
+    def total(self) -> int:
+        return int(self)
 
     @property
     def other(self) -> int:
         return self.total - sum(s.total for s in self.stacks)
+
+    def __repr__(self) -> str:
+        return f"ParameterCount({self.total}, stacks={self.stacks!r})"
 
     def __str__(self) -> str:
         rows = [f"{'stack':<40} {'layers':>6} {'shared':>12} {'private':>12} {'per layer':>12}"]
@@ -143,7 +159,8 @@ def count_parameters(module: nn.Module) -> ParameterCount:
 class StackReport:
     """What ``lorsify`` did to the layers one pattern matched. Errors are relative Frobenius norms:
     ``weight_error[l] = |W_l - W_eff| / |W_l|``; with calibration data, ``output_error[l] = |y_lors - y| / |y|``
-    over the layer's inputs in the dense model (nan for a layer the calibration never ran)."""
+    over the layer's inputs in the dense model (nan for a layer the calibration never ran). ``saves``:
+    the LORS stack has fewer parameters than the dense one (with ``kappa``: only when kappa > L / (L - 1))."""
 
     pattern: str
     layers: List[str]
@@ -155,11 +172,30 @@ class StackReport:
     params_after: int
     weight_error: List[float]
     output_error: Optional[List[float]] = None
+    kappa: Optional[float] = None
+
+    @property
+    def saves(self) -> bool:
+        return self.params_after < self.params_before
+
+    def warning(self) -> Optional[str]:
+        """What to say when the conversion saved no parameter, else None."""
+        if self.saves:
+            return None
+        n = len(self.layers)
+        why = ""
+        if self.kappa is not None:  # shared (1 dense weight) + n pairs of 1/kappa each vs n dense weights
+            limit = "inf" if n == 1 else f"{n / (n - 1):.4g}"
+            why = f": kappa = {self.kappa} <= L / (L - 1) = {limit} for L = {n} layers"
+        return (f"{self.pattern}: the LORS stack is no smaller than the dense one ({self.params_after:,} >= "
+                f"{self.params_before:,} parameters){why}")
 
     def __str__(self) -> str:
         rows = [f"{self.pattern}: {len(self.layers)} x Linear({self.in_features}, {self.out_features}) -> LORS "
                 f"({self.method}), parameters {self.params_before:,} -> {self.params_after:,} "
                 f"({self.params_after / max(self.params_before, 1):.1%})"]
+        if not self.saves:
+            rows.append(f"  warning: {self.warning()}")
         for i, name in enumerate(self.layers):
             out = "" if self.output_error is None else f"  output error {self.output_error[i]:.2e}"
             rows.append(f"  {name:<36} rank {self.ranks[i]:>4}  weight error {self.weight_error[i]:.2e}{out}")
@@ -215,6 +251,39 @@ def _batches(calibration):
     return [calibration] if isinstance(calibration, (Tensor, tuple, Mapping)) else calibration
 
 
+def _run(model: nn.Module, batch):
+    """model(batch): a Mapping is keyword arguments, a tuple or list positional ones."""
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+@contextmanager
+def _eval_mode(*models: nn.Module):
+    """The models in eval mode (no dropout: outputs comparable), each submodule's mode restored after."""
+    modes = {m: m.training for model in models for m in model.modules()}
+    for model in models:
+        model.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.training = training
+
+
+@contextmanager
+def _frozen(parameters: List[nn.Parameter]):
+    for p in parameters:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in parameters:
+            p.requires_grad_(True)
+
+
 @torch.no_grad()
 def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) -> None:
     """Run the calibration batches through ``model`` (eval mode) with ``hooks[layer](x, y)`` on each layer."""
@@ -222,19 +291,11 @@ def _calibrate(model: nn.Module, calibration, hooks: Dict[nn.Module, callable]) 
         return lambda mod, args, kwargs, out: fn(args[0] if args else kwargs["input"], out)
 
     handles = [layer.register_forward_hook(hook(fn), with_kwargs=True) for layer, fn in hooks.items()]
-    modes = {m: m.training for m in model.modules()}
-    model.eval()
     try:
-        for batch in calibration:
-            if isinstance(batch, Mapping):
-                model(**batch)
-            elif isinstance(batch, (tuple, list)):
-                model(*batch)
-            else:
-                model(batch)
+        with _eval_mode(model):
+            for batch in calibration:
+                _run(model, batch)
     finally:
-        for m, training in modes.items():
-            m.training = training
         for h in handles:
             h.remove()
 
@@ -306,7 +367,9 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
     scaling: the LorsLinear layers' scaling (non-zero); requires_grad is carried over from each layer.
 
     Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
-    fits (and, for "pca", when the calibration inputs span the layer's input space).
+    fits (and, for "pca", when the calibration inputs span the layer's input space). A stack that saves
+    no parameter is warned about. A Hugging Face model's config gets the stacks (``config.lors``, see
+    ``lors_structure``), so that ``save_pretrained`` records them.
     """
     if method not in ("svd", "pca"):
         raise ValueError(f"lorsify: method must be 'svd' or 'pca', got {method!r}")
@@ -375,7 +438,9 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
                                             for n, _ in layers)
         reports[pattern] = StackReport(pattern, [n for n, _ in layers], layers[0][1].in_features,
                                        layers[0][1].out_features, [r * g for r, g in zip(ranks, group_counts)],
-                                       method, before, after, errors)
+                                       method, before, after, errors, kappa=kappa)
+        if not reports[pattern].saves:
+            warnings.warn(reports[pattern].warning(), stacklevel=2)
 
     if calibration is not None:  # each new layer against the dense one, on the dense model's inputs
         sums = {name: [0, 0] for name in replacements}  # |y_lors - y|^2, |y|^2 (tensors: no sync per call)
@@ -393,6 +458,9 @@ def lorsify(model: nn.Module, targets: Union[str, Sequence[str]], rank: Optional
                                    for n in report.layers]  # nan: the layer never ran (or only output zeros)
 
     _replace(model, {id(linear): layer for linear, layer in replacements.values()})
+    config = getattr(model, "config", None)
+    if hasattr(config, "to_json_string"):  # a Hugging Face model: save_pretrained writes it to config.json
+        config.lors = lors_structure(model)
     return reports
 
 
@@ -414,3 +482,131 @@ def _fit_pca(linear: nn.Linear, shared: SharedWeight, features: _ResidualFeature
         if linear.bias is not None:  # the mean the kept directions miss becomes bias
             layer.bias.copy_(linear.bias.double() + mean - u @ (u.t() @ mean))
     return layer
+
+
+# ---------------------------------------------------------------------------------------------------
+# Distillation
+
+
+def _first_tensor(output) -> Tensor:
+    """A model's output as one tensor: itself, or the first tensor in it (a Hugging Face model's
+    last_hidden_state or logits)."""
+    if isinstance(output, Tensor):
+        return output
+    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    for value in values:
+        if isinstance(value, Tensor):
+            return value
+    raise TypeError(f"distill: no tensor in the model's output ({type(output).__name__}); pass output=")
+
+
+def distill(student: nn.Module, teacher: nn.Module, calibration, *, steps: int = 100, lr: float = 1e-3,
+            parameters: Optional[Iterable[nn.Parameter]] = None, output=None, progress: bool = True) -> List[float]:
+    """Fit a lorsified model to the dense one it came from by output matching: ``steps`` Adam steps on
+    the relative squared error |y_student - y_teacher|^2 / |y_teacher|^2, one calibration batch per
+    step, round robin.
+
+    teacher: the dense model (keep a ``copy.deepcopy`` from before ``lorsify``); its outputs are computed
+        once per batch. Both models run in eval mode (no dropout), their modes restored after.
+    calibration: batches as ``lorsify`` takes them (a Tensor, a tuple, a Mapping, or an iterable of them).
+    parameters: what to train; by default every parameter of the student's LorsLinear layers (shared
+        weights, private pairs, biases) that requires grad.
+    output: model output -> the tensor to match (default: the output if a tensor, else its first tensor).
+    progress: a tqdm bar, when tqdm is installed.
+
+    Returns the relative output error |y_s - y_t| / |y_t| of each step's batch, measured before that step.
+    """
+    batches = list(_batches(calibration))
+    if not batches:
+        raise ValueError("distill: no calibration batch")
+    if steps < 1:
+        raise ValueError(f"distill: steps must be >= 1, got {steps}")
+    if parameters is None:
+        parameters = {id(p): p for _, layers in shared_stacks(student) for _, layer in layers
+                      for p in layer.parameters() if p.requires_grad}.values()
+    parameters = list(parameters)
+    if not parameters:
+        raise ValueError("distill: nothing to train (no LorsLinear parameter requires grad; pass parameters=)")
+    pick = output or _first_tensor
+    errors = []
+    trained = {id(p) for p in parameters}
+    frozen = [p for p in student.parameters() if p.requires_grad and id(p) not in trained]
+    with _eval_mode(student, teacher), _frozen(frozen):  # no gradient work for what is not trained
+        with torch.no_grad():
+            targets = [pick(_run(teacher, batch)).detach() for batch in batches]
+        optimizer = torch.optim.Adam(parameters, lr=lr)
+        bar = range(steps)
+        if progress:
+            try:
+                from tqdm.auto import tqdm
+
+                bar = tqdm(bar, desc="distill", leave=False, dynamic_ncols=True)
+            except ImportError:  # tqdm is optional (the bench extra and Hugging Face installs have it)
+                pass
+        for step in bar:
+            target = targets[step % len(batches)].float()
+            got = pick(_run(student, batches[step % len(batches)])).float()
+            loss = (got - target).square().sum() / target.square().sum().clamp_min(1e-30)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+            errors.append(math.sqrt(loss.item()))
+            if hasattr(bar, "set_postfix"):
+                bar.set_postfix(error=f"{errors[-1]:.3e}")
+    return errors
+
+
+# ---------------------------------------------------------------------------------------------------
+# The structure of a converted model, for checkpoints
+
+
+def lors_structure(model: nn.Module) -> dict:
+    """The LORS^T stacks of ``model`` as JSON-able data: for each stack its shape, the shared weight's
+    init and each layer's name, rank, groups, bias, scaling and dropout. ``lorsify`` stores it in a
+    Hugging Face model's ``config.lors`` (so ``save_pretrained`` writes it to config.json);
+    ``restore_lors`` rebuilds the stacks from it."""
+    stacks = [{"pattern": _stack_name([n for n, _ in layers]), "in_features": shared.in_features,
+               "out_features": shared.out_features, "init": shared.init,
+               "layers": [{"name": n, "rank": layer.rank, "groups": layer.groups, "bias": layer.bias is not None,
+                           "scaling": layer.scaling, "dropout": layer.dropout} for n, layer in layers]}
+              for shared, layers in shared_stacks(model)]
+    return {"format": "lors_kernels", "version": 1, "stacks": stacks}
+
+
+def restore_lors(model: nn.Module, structure: Optional[dict] = None) -> nn.Module:
+    """Give a dense model (the same architecture, e.g. built from its config) the LORS stacks that
+    ``structure`` (from ``lors_structure``; by default ``model.config.lors``) describes, in place and
+    with fresh values, ready to load the converted model's checkpoint. Stacks the model builds itself
+    (LorsAdaptiveMixing's output projection) are left as they are. Returns ``model``."""
+    if structure is None:
+        structure = getattr(getattr(model, "config", None), "lors", None)
+        if structure is None:
+            raise ValueError("restore_lors: no structure given, and the model has no config.lors (lorsify records "
+                             "it in a Hugging Face model's config; elsewhere save lors_structure(model) yourself)")
+    if not isinstance(structure, Mapping) or structure.get("format") != "lors_kernels" or structure.get("version") != 1:
+        raise ValueError("restore_lors: not a lors_kernels structure (version 1) as lors_structure returns")
+    new = {}
+    for stack in structure["stacks"]:
+        shape = (stack["in_features"], stack["out_features"])
+        names = [spec["name"] for spec in stack["layers"]]
+        try:
+            modules = [model.get_submodule(n) for n in names]
+        except AttributeError as e:
+            raise ValueError(f"restore_lors: stack {stack['pattern']}: {e}") from None
+        if all(isinstance(m, LorsLinear) for m in modules) and len({id(m.shared) for m in modules}) == 1 and [
+                (m.in_features, m.out_features, m.rank, m.groups) for m in modules] == [
+                (*shape, spec["rank"], spec["groups"]) for spec in stack["layers"]]:
+            continue  # built by the model itself
+        bad = [f"{n} ({type(m).__name__})" for n, m in zip(names, modules)
+               if type(m) is not nn.Linear or (m.in_features, m.out_features) != shape]
+        if bad:
+            raise ValueError(f"restore_lors: stack {stack['pattern']} needs nn.Linear{shape} layers to replace; "
+                             f"found {', '.join(bad[:4])}")
+        weight = modules[0].weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        shared = SharedWeight(*shape, init=stack["init"], **factory)
+        for module, spec in zip(modules, stack["layers"]):
+            new[id(module)] = LorsLinear(*shape, rank=spec["rank"], groups=spec["groups"], bias=spec["bias"],
+                                         shared=shared, scaling=spec["scaling"], dropout=spec["dropout"], **factory)
+    _replace(model, new)
+    return model

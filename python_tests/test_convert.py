@@ -434,7 +434,7 @@ def test_count_parameters_counts_shared_once():
     stack = lk.make_lors_stack(3, 8, 4, rank=2, groups=[1, 2, 1])
     count = count_parameters(stack)
     assert count.total == 32 + sum(2 * g * (8 + 4) + 4 for g in (1, 2, 1)) == 32 + 28 + 52 + 28
-    assert len(stack.state_dict()) == 12  # the state dict names the shared weight once per layer
+    assert len(stack.state_dict()) == 10  # the shared weight once, then each layer's down, up, bias
     (s,) = count.stacks
     assert s.name == "*" and s.shared == 32 and s.private == [28, 52, 28] and s.per_layer == pytest.approx(140 / 3)
     assert "per layer" in str(count) and "140" in str(count)

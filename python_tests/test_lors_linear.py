@@ -294,8 +294,9 @@ def test_lors_linear_init_follows_the_paper():
     layer = lk.LorsLinear(64, 32, rank=4, groups=2)
     assert layer.down.shape == (8, 64) and layer.up.shape == (32, 8) and layer.bias.shape == (32,)
     assert layer.up.abs().sum() == 0 and layer.bias.abs().sum() == 0
-    bound = 1 / math.sqrt(64)  # kaiming_uniform_(a=sqrt(5)) on fan_in 64
-    assert layer.down.abs().max() <= bound and layer.down.std() > 0.3 * bound
+    bound = math.sqrt(6 / 64)  # the official kaiming_uniform_(a=0) on fan_in 64
+    assert layer.down.abs().max() <= bound and layer.down.abs().max() > 0.9 * bound
+    assert abs(layer.down.std() / (bound / math.sqrt(3)) - 1) < 0.1  # U(-b, b) has std b / sqrt(3)
     x = torch.randn(3, 64)
     torch.testing.assert_close(layer(x), F.linear(x, layer.shared.weight))  # zero residual at init
 

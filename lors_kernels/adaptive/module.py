@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from typing import Sequence
+from typing import List, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,10 +12,18 @@ from .op import adaptive_mixing, generate_mixing_weights
 from .reference import private_delta
 
 
-def _uniform_fan_in(t: Tensor, fan_in: int) -> None:
-    """Kaiming-uniform as nn.Linear draws it (a = sqrt(5)): U(-1/sqrt(fan_in), 1/sqrt(fan_in))."""
-    bound = 1 / math.sqrt(max(fan_in, 1))
-    nn.init.uniform_(t, -bound, bound)
+def _init_factor(t: Tensor) -> None:
+    """The official LORS^A init of an E or F factor [G*K, a, b]: kaiming_uniform_ (a = 0) on the 3-D
+    tensor, whose fan-in torch takes as a*b: U(-sqrt(6 / (a*b)), sqrt(6 / (a*b)))."""
+    if t.numel():  # K = 0: a stage without private part
+        nn.init.kaiming_uniform_(t)
+
+
+def _per_stage(value: Union[int, Sequence[int]], n_stages: int, what: str, owner: str) -> List[int]:
+    values = [value] * n_stages if isinstance(value, int) else list(value)
+    if len(values) != n_stages:
+        raise ValueError(f"{owner}: {len(values)} {what} for {n_stages} stages")
+    return values
 
 
 class AdaptiveMixing(nn.Module):
@@ -50,50 +57,53 @@ class AdaptiveMixing(nn.Module):
 
 
 class LorsAdaptiveMixing(nn.Module):
-    """AdaMixer's mixing across `n_stages` decoder stages with LORS^A (docs/design.md §1.2).
+    """AdaMixer's mixing across `n_stages` decoder stages with LORS^A (docs/design.md §1.2), as the official
+    FactorizedAdaptiveMixing computes it.
 
     Shared by every stage: the generator of M and S. Private to stage l: K_l = kernel_groups[l]
-    rank-r cores per group generated from the query (zero-initialized), their E/F factors for the
-    channel and the spatial matrix, a LayerNorm, and a static-LORS output projection (rank out_rank,
-    one shared base weight). forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
+    rank-r_l cores per group generated from the query (zero-initialized), their E/F factors for the
+    channel and the spatial matrix, a LayerNorm, and a static-LORS output projection (rank out_rank_l,
+    one shared base weight). ``rank`` and ``out_rank`` are one int for every stage or one per stage:
+    the official config's kernel_sizes and mix_out_proj_ranks. Init as the official: generator weight
+    and cores zero, E/F kaiming_uniform_ on the 3-D tensors, the output projection's private down
+    kaiming_uniform_ (up and biases zero). forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
     """
 
     def __init__(self, n_stages: int = 6, query_dim: int = 256, in_dim: int = 256, in_points: int = 64,
-                 out_points: int = 128, n_groups: int = 2, rank: int = 16,
-                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), out_rank: int = 8, device=None, dtype=None):
+                 out_points: int = 128, n_groups: int = 2, rank: Union[int, Sequence[int]] = 16,
+                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), out_rank: Union[int, Sequence[int]] = 8,
+                 device=None, dtype=None):
         super().__init__()
-        kernel_groups = list(kernel_groups)
-        if len(kernel_groups) != n_stages:
-            raise ValueError(f"LorsAdaptiveMixing: {len(kernel_groups)} kernel_groups for {n_stages} stages")
+        kernel_groups = _per_stage(kernel_groups, n_stages, "kernel_groups", "LorsAdaptiveMixing")
+        ranks = _per_stage(rank, n_stages, "ranks", "LorsAdaptiveMixing")
+        out_ranks = _per_stage(out_rank, n_stages, "out_ranks", "LorsAdaptiveMixing")
         if in_dim % n_groups:
             raise ValueError(f"LorsAdaptiveMixing: in_dim {in_dim} is not divisible by n_groups {n_groups}")
         factory = {"device": device, "dtype": dtype}
         self.n_stages, self.query_dim, self.in_points, self.out_points = n_stages, query_dim, in_points, out_points
-        self.n_groups, self.rank, self.kernel_groups = n_groups, rank, kernel_groups
+        self.n_groups, self.ranks, self.kernel_groups, self.out_ranks = n_groups, ranks, kernel_groups, out_ranks
         self.channels = c = in_dim // n_groups
         self.generator = nn.Linear(query_dim, n_groups * (c * c + in_points * out_points), **factory)
         nn.init.zeros_(self.generator.weight)
-        self.cores = nn.ModuleList(nn.Linear(query_dim, 2 * n_groups * k * rank * rank, **factory)
-                                   for k in kernel_groups)
-        gk = [n_groups * k for k in kernel_groups]
-        self.channel_left = nn.ParameterList(nn.Parameter(torch.empty(j, c, rank, **factory)) for j in gk)
-        self.channel_right = nn.ParameterList(nn.Parameter(torch.empty(j, rank, c, **factory)) for j in gk)
-        self.spatial_left = nn.ParameterList(nn.Parameter(torch.empty(j, out_points, rank, **factory)) for j in gk)
-        self.spatial_right = nn.ParameterList(nn.Parameter(torch.empty(j, rank, in_points, **factory)) for j in gk)
-        self.out_proj = make_lors_stack(n_stages, n_groups * out_points * c, query_dim, rank=out_rank, **factory)
+        self.cores = nn.ModuleList(nn.Linear(query_dim, 2 * n_groups * k * r * r, **factory)
+                                   for k, r in zip(kernel_groups, ranks))
+        gk = [(n_groups * k, r) for k, r in zip(kernel_groups, ranks)]
+        self.channel_left = nn.ParameterList(nn.Parameter(torch.empty(j, c, r, **factory)) for j, r in gk)
+        self.channel_right = nn.ParameterList(nn.Parameter(torch.empty(j, r, c, **factory)) for j, r in gk)
+        self.spatial_left = nn.ParameterList(nn.Parameter(torch.empty(j, out_points, r, **factory)) for j, r in gk)
+        self.spatial_right = nn.ParameterList(nn.Parameter(torch.empty(j, r, in_points, **factory)) for j, r in gk)
+        self.out_proj = make_lors_stack(n_stages, n_groups * out_points * c, query_dim, rank=out_ranks, **factory)
         self.norms = nn.ModuleList(nn.LayerNorm(query_dim, **factory) for _ in range(n_stages))
         self.reset_private_parameters()
 
     def reset_private_parameters(self) -> None:
-        """The paper's init: cores zero (so every stage starts as the shared mixing), E/F Kaiming-uniform."""
+        """The official init: cores zero (so every stage starts as the shared mixing), E/F kaiming_uniform_."""
         for core in self.cores:
             nn.init.zeros_(core.weight)
             nn.init.zeros_(core.bias)
-        for stage in range(self.n_stages):  # fan-in: the dimension each factor contracts
-            _uniform_fan_in(self.channel_left[stage], self.channels)
-            _uniform_fan_in(self.channel_right[stage], self.rank)
-            _uniform_fan_in(self.spatial_left[stage], self.rank)
-            _uniform_fan_in(self.spatial_right[stage], self.in_points)
+        for factors in (self.channel_left, self.channel_right, self.spatial_left, self.spatial_right):
+            for factor in factors:
+                _init_factor(factor)
 
     def generate(self, stage: int, query: Tensor):
         """M, S and this stage's private parts ((E^M, Q^M, F^M), (E^S, Q^S, F^S)), or Nones when K_l = 0."""
@@ -106,7 +116,7 @@ class LorsAdaptiveMixing(nn.Module):
             return m, s, None, None
         core = self.cores[stage]
         m, s, qm, qs = generate_mixing_weights(query, self.generator.weight, self.generator.bias, core.weight,
-                                               core.bias, rank=self.rank, **common)
+                                               core.bias, rank=self.ranks[stage], **common)
         return (m, s, (self.channel_left[stage], qm, self.channel_right[stage]),
                 (self.spatial_left[stage], qs, self.spatial_right[stage]))
 
@@ -132,15 +142,13 @@ class LorsWeightGenerator(nn.Module):
     The generator is shared by every stage; stage l owns its core generator, E [K_l, rows, r] and
     F [K_l, r, cols]. For generated parameters other than AdaMixer's M and S (which LorsAdaptiveMixing
     generates fused), e.g. dynamic convolution kernels. forward(stage, query [..., d_q]) -> [..., rows, cols].
-    Init as the paper's: generator as nn.Linear, cores zero, E/F Kaiming-uniform.
+    Init as the official LORS^A: generator as nn.Linear, cores zero, E/F kaiming_uniform_ on the 3-D tensors.
     """
 
     def __init__(self, n_stages: int, query_dim: int, rows: int, cols: int, rank: int = 16,
                  kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), bias: bool = True, device=None, dtype=None):
         super().__init__()
-        kernel_groups = list(kernel_groups)
-        if len(kernel_groups) != n_stages:
-            raise ValueError(f"LorsWeightGenerator: {len(kernel_groups)} kernel_groups for {n_stages} stages")
+        kernel_groups = _per_stage(kernel_groups, n_stages, "kernel_groups", "LorsWeightGenerator")
         factory = {"device": device, "dtype": dtype}
         self.n_stages, self.rows, self.cols, self.rank, self.kernel_groups = n_stages, rows, cols, rank, kernel_groups
         self.generator = nn.Linear(query_dim, rows * cols, bias=bias, **factory)
@@ -154,8 +162,8 @@ class LorsWeightGenerator(nn.Module):
             nn.init.zeros_(self.cores[stage].weight)
             if self.cores[stage].bias is not None:
                 nn.init.zeros_(self.cores[stage].bias)
-            _uniform_fan_in(self.left[stage], self.rank)
-            _uniform_fan_in(self.right[stage], self.cols)
+            _init_factor(self.left[stage])
+            _init_factor(self.right[stage])
 
     def lors_stacks(self):
         """(label, shared parameters, each stage's private parameters) for count_parameters."""

@@ -7,6 +7,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import op
+from ..lors_linear.module import INITS
 from .reference import window_size
 
 
@@ -19,12 +20,35 @@ class HighResCrossAttention(nn.Module):
     `per_query`. Projections have nn.MultiheadAttention's names (in_proj_weight, in_proj_bias,
     out_proj), so its state_dict loads as is.
 
+    How FASeg's high-resolution branch (MultiScaleMaskedTransformerDecoderFASeg, every fourth layer)
+    maps onto this module:
+
+    - its attention is this module; the residual, dropout and LayerNorm around it
+      (CrossAttentionLayerFASeg: ``norm(tgt + dropout(attn))``) stay outside, as they do around
+      nn.MultiheadAttention. Load the layer's ``multihead_attn.state_dict()`` into this module.
+    - ``low_scores`` is the attention map the first low-resolution layer of the block returned
+      (nn.MultiheadAttention's head-averaged weights, [B, N, n_low] whatever the layout).
+    - ``query_pos`` is FASeg's static query embedding (``query_embed_params``), not the dynamic
+      positional queries of the other layers; ``pos`` is the high-resolution positional encoding.
+    - FASeg is sequence-first ([N, B, C], memory [H*W, B, C]): pass ``batch_first=False``, or transpose.
+      memory is the high-resolution map flattened row-major (``fg_src.flatten(2).permute(2, 0, 1)``);
+      FASeg's window partition only reorders the keys, which attention does not see.
+    - ``ratio`` is FASeg's omega_rate (32). When n_low < ratio FASeg selects no window and its attention
+      over no key returns zeros: so does this module (the output is out_proj's bias).
+    - Ties: FASeg sorts the cell scores with an unstable sort, so which of several equal cells it keeps
+      at the k-th place is unspecified (it varies with size and device); here the lower index wins,
+      which is ``torch.sort(descending=True, stable=True)``. Cells no query attended to (all-zero
+      scores under Mask2Former's masks) are the usual ties.
+
     A shared set projects K/V at the selected positions only (S rows instead of L_high) and attends
     densely over them with SDPA; per-query sets project the whole map and use the sparse kernels.
+    init="default" is nn.MultiheadAttention's (xavier_uniform_ in_proj, nn.Linear's out_proj, zero
+    biases); "xavier" also gives out_proj xavier_uniform_, as FASeg's layers do.
     """
 
     def __init__(self, embed_dim: int, num_heads: int, mode: str = "window", ratio: int = 32,
-                 per_query: bool = False, bias: bool = True, device=None, dtype=None):
+                 per_query: bool = False, bias: bool = True, batch_first: bool = True, init: str = "default",
+                 device=None, dtype=None):
         super().__init__()
         if mode not in ("window", "bilinear"):
             raise ValueError(f"HighResCrossAttention: mode must be 'window' or 'bilinear', got {mode!r}")
@@ -33,7 +57,10 @@ class HighResCrossAttention(nn.Module):
                              "per_query needs mode='bilinear'")
         if embed_dim % num_heads:
             raise ValueError(f"HighResCrossAttention: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
+        if init not in INITS:
+            raise ValueError(f"HighResCrossAttention: init must be one of {INITS}, got {init!r}")
         self.embed_dim, self.num_heads, self.mode, self.ratio, self.per_query = embed_dim, num_heads, mode, ratio, per_query
+        self.batch_first, self.init = batch_first, init
         factory = dict(device=device, dtype=dtype)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
         self.in_proj_bias = nn.Parameter(torch.empty(3 * embed_dim, **factory)) if bias else None
@@ -41,19 +68,24 @@ class HighResCrossAttention(nn.Module):
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        """nn.MultiheadAttention's initialization."""
+        """nn.MultiheadAttention's initialization, or FASeg's (init="xavier": out_proj too)."""
         nn.init.xavier_uniform_(self.in_proj_weight)
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.out_proj.weight)
         if self.in_proj_bias is not None:
             nn.init.zeros_(self.in_proj_bias)
             nn.init.zeros_(self.out_proj.bias)
 
     def extra_repr(self) -> str:
         return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, ratio={self.ratio}, "
-                f"per_query={self.per_query}")
+                f"per_query={self.per_query}, batch_first={self.batch_first}")
 
     def select(self, low_scores: Tensor, low_hw, high_hw) -> Tensor:
-        """Indices into the flattened high-resolution map: [B, S] shared, or [B, N, S] per query."""
-        cells = max(1, low_scores.shape[-1] // self.ratio)
+        """Indices into the flattened high-resolution map: [B, S] shared, or [B, N, S] per query; S = 0
+        when n_low < ratio (FASeg then selects nothing)."""
+        cells = low_scores.shape[-1] // self.ratio
+        if cells == 0:
+            return low_scores.new_zeros(low_scores.shape[:2 if self.per_query else 1] + (0,), dtype=torch.long)
         if self.mode == "window":
             return op.select_windows(low_scores, low_hw, high_hw, cells)
         pixels = cells * window_size(low_hw, high_hw) ** 2
@@ -64,8 +96,12 @@ class HighResCrossAttention(nn.Module):
 
     def forward(self, query: Tensor, memory: Tensor, pos: Tensor | None, query_pos: Tensor | None,
                 low_scores: Tensor, low_hw, high_hw) -> Tensor:
-        """query [B, N, C], memory/pos [B, L_high, C], query_pos [B, N, C], low_scores [B, N, n_low]
-        (head-averaged attention of the last low-resolution layer) -> [B, N, C]."""
+        """query [B, N, C], memory/pos [B, L_high, C], query_pos [B, N, C] ([N, B, C] and [L_high, B, C]
+        with batch_first=False), low_scores [B, N, n_low] (head-averaged attention of the last
+        low-resolution layer) -> [B, N, C] ([N, B, C])."""
+        if not self.batch_first:
+            query, memory, pos, query_pos = (None if t is None else t.transpose(0, 1)
+                                             for t in (query, memory, pos, query_pos))
         if memory.shape[1] != high_hw[0] * high_hw[1]:
             raise ValueError(f"HighResCrossAttention: memory has {memory.shape[1]} positions, high_hw {tuple(high_hw)} "
                              f"makes {high_hw[0] * high_hw[1]}")
@@ -73,7 +109,9 @@ class HighResCrossAttention(nn.Module):
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3
         q = self._heads(F.linear(query if query_pos is None else query + query_pos, w_q, b_q))
-        if index.dim() == 2:  # shared: only the S selected rows are projected
+        if index.shape[-1] == 0:  # no key: attention returns zeros, as nn.MultiheadAttention over none
+            out = torch.zeros_like(q)
+        elif index.dim() == 2:  # shared: only the S selected rows are projected
             rows = index[:, :, None].expand(-1, -1, memory.shape[-1])
             memory = memory.gather(1, rows)
             keys = memory if pos is None else memory + pos.gather(1, rows)
@@ -83,4 +121,5 @@ class HighResCrossAttention(nn.Module):
             keys = memory if pos is None else memory + pos
             k, v = self._heads(F.linear(keys, w_k, b_k)), self._heads(F.linear(memory, w_v, b_v))
             out = op.sparse_cross_attention(q, k, v, index)
-        return self.out_proj(out.transpose(1, 2).flatten(2))
+        out = self.out_proj(out.transpose(1, 2).flatten(2))
+        return out if self.batch_first else out.transpose(0, 1)

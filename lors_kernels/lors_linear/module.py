@@ -2,47 +2,105 @@
 
 from __future__ import annotations
 
+import copy
 import math
+import warnings
+import weakref
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils._pytree import tree_flatten, tree_map
 
 from .op import lors_linear
 
+INITS = ("default", "xavier")
+
+# Per SharedWeight, outside the module so that pickling and deepcopy never see them:
+_SAVED = weakref.WeakKeyDictionary()    # -> (key, weakref to the tensor saved there) of the last state_dict
+_LOADING = weakref.WeakKeyDictionary()  # -> [missing_keys of the load in progress, loaded?, keys missing so far]
+
 
 class SharedWeight(nn.Module):
-    """The weight ``[out, in]`` shared by every layer of a LORS stack (nn.Linear's init)."""
+    """The weight ``[out, in]`` shared by every layer of a LORS stack.
 
-    def __init__(self, in_features: int, out_features: int, device=None, dtype=None):
+    init="default" is nn.Linear's (Kaiming-uniform, a = sqrt(5)); "xavier" is xavier_uniform_, what the
+    official LORS ViT gives its FFN's shared weights.
+
+    In a state dict the weight appears once, under the first name the traversal reaches; the other
+    layers' names are left out, and loading fills the one tensor from whichever name holds it. So a
+    checkpoint has no aliased tensors (safetensors and ``save_pretrained`` refuse them).
+    """
+
+    def __init__(self, in_features: int, out_features: int, init: str = "default", device=None, dtype=None):
         super().__init__()
+        if init not in INITS:
+            raise ValueError(f"SharedWeight: init must be one of {INITS}, got {init!r}")
         self.in_features = in_features
         self.out_features = out_features
+        self.init = init
+        self.n_layers = 0  # LorsLinear layers built on it: writes through one layer need it to be the only one
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
-        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+        if self.init == "xavier":
+            nn.init.xavier_uniform_(self.weight)
+        else:
+            nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        saved = _SAVED.get(self)
+        if saved is not None and saved[0] in destination and destination[saved[0]] is saved[1]():
+            return  # this state_dict already holds it under an earlier layer's name
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        _SAVED[self] = (prefix + "weight", weakref.ref(destination[prefix + "weight"]))
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        # One load_state_dict call passes one missing_keys list to every module: it identifies the call.
+        load = _LOADING.get(self)
+        if load is None or load[0] is not missing_keys:
+            load = _LOADING[self] = [missing_keys, False, []]
+        key = prefix + "weight"
+        if key in state_dict:  # names visited before this one are not missing: the tensor is one
+            load[1] = True
+            for name in load[2]:
+                missing_keys.remove(name)
+            load[2].clear()
+        elif key in missing_keys:
+            if load[1]:
+                missing_keys.remove(key)
+            else:
+                load[2].append(key)
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
 
 class LorsLinear(nn.Module):
-    """``y = x W_shared^T + scaling * (x down^T) up^T + bias``: a drop-in for ``nn.Linear``.
+    """``y = x W_shared^T + scaling * (dropout(x) down^T) up^T + bias``: a drop-in for ``nn.Linear``.
 
     ``groups`` private pairs of rank ``rank`` are stored as one concatenated pair of rank
     ``rank * groups`` (sum_g up_g down_g = [up_1 ... up_G] [down_1; ...; down_G]).
-    Pass ``shared`` to tie the base weight to other layers; by default the layer owns one.
+    Pass ``shared`` to tie the base weight to other layers; by default the layer owns one, initialized
+    as ``init`` says (see SharedWeight). ``dropout`` drops inputs of the low-rank path only, in training
+    (PEFT's lora_dropout); the fused op runs whenever it is inactive.
     """
 
     def __init__(self, in_features: int, out_features: int, rank: int = 8, groups: int = 1, bias: bool = True,
-                 shared: Optional[SharedWeight] = None, scaling: float = 1.0, device=None, dtype=None):
+                 shared: Optional[SharedWeight] = None, scaling: float = 1.0, dropout: float = 0.0,
+                 init: str = "default", device=None, dtype=None):
         super().__init__()
         if rank < 0 or groups < 0:
             raise ValueError(f"LorsLinear: rank and groups must be >= 0, got rank={rank}, groups={groups}")
+        if not 0 <= dropout < 1:
+            raise ValueError(f"LorsLinear: dropout must be in [0, 1), got {dropout}")
         if shared is None:
-            shared = SharedWeight(in_features, out_features, device=device, dtype=dtype)
+            shared = SharedWeight(in_features, out_features, init=init, device=device, dtype=dtype)
         elif (shared.in_features, shared.out_features) != (in_features, out_features):
             raise ValueError(f"LorsLinear({in_features}, {out_features}): shared weight is "
                              f"[{shared.out_features}, {shared.in_features}]")
@@ -53,31 +111,113 @@ class LorsLinear(nn.Module):
         self.rank = rank
         self.groups = groups
         self.scaling = float(scaling)
+        self.dropout = float(dropout)
+        self.merged = False
         self.shared = shared
         self.down = nn.Parameter(torch.empty(rank * groups, in_features, **factory))
         self.up = nn.Parameter(torch.empty(out_features, rank * groups, **factory))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
+        self.register_state_dict_pre_hook(_refuse_merged)
         self.reset_private_parameters()
 
+    def __setattr__(self, name, value):
+        if name == "weight":
+            raise AttributeError(
+                "LorsLinear.weight is computed (shared.weight + scaling * up @ down), so it cannot be replaced or "
+                "tied to another tensor. Write its values in place (layer.weight.data.copy_(w) updates the layer "
+                "when its shared weight is its own), or set shared.weight, down and up.")
+        if name == "shared" and isinstance(value, SharedWeight):  # keep each SharedWeight's count of users
+            old = self._modules.get("shared")
+            if old is not value:
+                value.n_layers += 1
+                if old is not None:
+                    old.n_layers -= 1
+        super().__setattr__(name, value)
+
     def reset_private_parameters(self) -> None:
-        """The paper's init: down Kaiming-uniform, up and bias zero (the shared weight is left alone)."""
+        """The official init: down kaiming_uniform_ (a = 0, bound sqrt(6 / in)), up and bias zero (the
+        shared weight is left alone)."""
         if self.down.numel():  # rank 0 is a plain shared layer
-            nn.init.kaiming_uniform_(self.down, a=math.sqrt(5))
+            nn.init.kaiming_uniform_(self.down)
         nn.init.zeros_(self.up)
         if self.bias is not None:
             nn.init.zeros_(self.bias)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.merged:
+            return F.linear(x, self.shared.weight, self.bias)
+        if self.dropout and self.training:  # the two paths see different inputs: no single fused GEMM
+            low = F.linear(F.linear(F.dropout(x, self.dropout, True), self.down), self.up)
+            return torch.add(F.linear(x, self.shared.weight, self.bias), low, alpha=self.scaling)
         return lors_linear(x, self.shared.weight, self.down, self.up, self.bias, scaling=self.scaling)
+
+    def get_delta_weight(self) -> Tensor:
+        """``scaling * up @ down``: what the private pair adds to the shared weight (PEFT's name)."""
+        return torch.mm(self.up, self.down) * self.scaling
 
     def effective_weight(self) -> Tensor:
         """The dense weight this layer applies: ``W_shared + scaling * up @ down`` (differentiable)."""
+        if self.merged:  # the pair is in the shared weight already
+            return self.shared.weight.clone()
         return torch.addmm(self.shared.weight, self.up, self.down, alpha=self.scaling)
 
     @property
     def weight(self) -> Tensor:
-        """Read-only view of the effective dense weight, so code written for nn.Linear keeps working."""
-        return self.effective_weight()
+        """The effective dense weight, so code written for nn.Linear keeps working. Writing its values in
+        place (``weight.data += d``, ``weight.data = w``, ``nn.init.*_(weight)``, as PEFT's merge and
+        weight-tying tools do) sets the shared weight so that the layer applies the new values; that
+        needs the shared weight to be this layer's alone, and raises otherwise."""
+        w = self.effective_weight()
+        if torch.compiler.is_compiling():  # a compiled graph only reads it
+            return w
+        return EffectiveWeight.wrap(w, self, w)
+
+    def _check_sole_user(self, what: str) -> None:
+        if self.shared.n_layers > 1:
+            raise RuntimeError(
+                f"LorsLinear: {what} would change the shared weight of {self.shared.n_layers} layers, not only this "
+                "one. A rank-limited private pair cannot hold an arbitrary change: convert this layer with "
+                "to_linear() first, or change shared.weight (every layer) or down/up (this layer) explicitly.")
+
+    def _write_effective_weight(self, new: Tensor) -> None:
+        """Make this layer apply ``new`` as its dense weight, by setting its (unshared) shared weight."""
+        self._check_sole_user("writing LorsLinear.weight")
+        if new.shape != self.shared.weight.shape:
+            raise ValueError(f"LorsLinear.weight is [{self.out_features}, {self.in_features}], got a "
+                             f"{list(new.shape)} tensor")
+        with torch.no_grad():
+            new = new.to(self.shared.weight.dtype)
+            self.shared.weight.copy_(new if self.merged else new - self.get_delta_weight())
+
+    def merge(self) -> None:
+        """Add ``scaling * up @ down`` into the shared weight and run as a dense layer (PEFT's merge).
+        Needs the shared weight to be this layer's alone. ``unmerge()`` takes it out again."""
+        if self.merged:
+            warnings.warn("LorsLinear: already merged, nothing to do")
+            return
+        self._check_sole_user("merge()")
+        with torch.no_grad():
+            self.shared.weight.add_(self.get_delta_weight())
+        self.merged = True
+
+    def unmerge(self) -> None:
+        if not self.merged:
+            warnings.warn("LorsLinear: already unmerged, nothing to do")
+            return
+        with torch.no_grad():
+            self.shared.weight.sub_(self.get_delta_weight())
+        self.merged = False
+
+    def to_linear(self) -> nn.Linear:
+        """A dense ``nn.Linear`` computing what this layer computes (dropout aside)."""
+        w = self.shared.weight
+        linear = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None, device=w.device,
+                           dtype=w.dtype)
+        with torch.no_grad():
+            linear.weight.copy_(self.effective_weight())
+            if self.bias is not None:
+                linear.bias.copy_(self.bias)
+        return linear
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, shared: Optional[SharedWeight] = None, rank: int = 8, groups: int = 1,
@@ -108,24 +248,152 @@ class LorsLinear(nn.Module):
                 layer.bias.copy_(linear.bias)
         return layer
 
+    @classmethod
+    def from_lora(cls, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None,
+                  scaling: float = 1.0, dropout: float = 0.0) -> "LorsLinear":
+        """The layer ``y = x weight^T + bias + scaling * (dropout(x) down^T) up^T``: a LoRA-adapted linear
+        (down = lora_A [r, in], up = lora_B [out, r]) with its own shared weight. Copies, in weight's dtype."""
+        if down.dim() != 2 or up.dim() != 2 or up.shape[1] != down.shape[0] or (up.shape[0], down.shape[1]) != tuple(
+                weight.shape):
+            raise ValueError(f"LorsLinear.from_lora: weight {list(weight.shape)} needs down [r, {weight.shape[1]}] and "
+                             f"up [{weight.shape[0]}, r], got {list(down.shape)} and {list(up.shape)}")
+        layer = cls(weight.shape[1], weight.shape[0], rank=down.shape[0], bias=bias is not None, scaling=scaling,
+                    dropout=dropout, device=weight.device, dtype=weight.dtype)
+        with torch.no_grad():
+            for mine, given in ((layer.shared.weight, weight), (layer.down, down), (layer.up, up), (layer.bias, bias)):
+                if given is not None:
+                    mine.copy_(given)
+        return layer
+
+    @classmethod
+    def from_peft(cls, lora_layer: nn.Module, adapter_name: Optional[str] = None) -> "LorsLinear":
+        """The LorsLinear computing what a PEFT LoRA layer (``peft.tuners.lora.Linear``) computes with one
+        adapter: shared = the base weight, down = lora_A, up = lora_B, scaling = PEFT's (alpha / r, or
+        alpha / sqrt(r) with rsLoRA), dropout = lora_dropout, bias = the base bias (+ scaling * lora_B.bias
+        with lora_bias). Tensors take the base weight's dtype; requires_grad and train/eval are kept."""
+        adapters = list(lora_layer.lora_A.keys())
+        if adapter_name is None:
+            active = [a for a in lora_layer.active_adapters if a in adapters]
+            if len(active) != 1:
+                raise ValueError(f"LorsLinear.from_peft: name the adapter to take, one of {adapters} "
+                                 f"(active: {active})")
+            adapter_name = active[0]
+        if adapter_name not in adapters:
+            raise ValueError(f"LorsLinear.from_peft: no adapter {adapter_name!r}, the layer has {adapters}")
+        if lora_layer.merged:
+            raise ValueError("LorsLinear.from_peft: the layer is merged (its base weight holds the adapter): "
+                             "unmerge() it first")
+        if adapter_name in getattr(lora_layer, "lora_variant", {}) or getattr(lora_layer, "use_dora", {}).get(
+                adapter_name):
+            raise ValueError(f"LorsLinear.from_peft: adapter {adapter_name!r} is a LoRA variant (DoRA, ...); "
+                             "LorsLinear holds plain LoRA only")
+        base = lora_layer.get_base_layer()
+        weight = base.weight.t() if getattr(lora_layer, "fan_in_fan_out", False) else base.weight
+        down, up = lora_layer.lora_A[adapter_name].weight, lora_layer.lora_B[adapter_name]
+        scaling = lora_layer.scaling[adapter_name]
+        biases = [b for b in (base.bias, None if up.bias is None else up.bias * scaling) if b is not None]
+        with torch.no_grad():
+            bias = sum(b.to(weight.dtype) for b in biases) if biases else None
+        layer = cls.from_lora(weight, down, up.weight, bias, scaling=scaling,
+                              dropout=getattr(lora_layer.lora_dropout[adapter_name], "p", 0.0))
+        for mine, theirs in ((layer.shared.weight, [weight]), (layer.down, [down]), (layer.up, [up.weight]),
+                             (layer.bias, [base.bias, up.bias])):
+            if mine is not None:
+                mine.requires_grad_(any(t is not None and t.requires_grad for t in theirs))
+        return layer.train(lora_layer.training)
+
     def extra_repr(self) -> str:
+        merged = ", merged" if self.merged else ""
+        dropout = f", dropout={self.dropout}" if self.dropout else ""
         return (f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, "
-                f"groups={self.groups}, bias={self.bias is not None}, scaling={self.scaling}")
+                f"groups={self.groups}, bias={self.bias is not None}, scaling={self.scaling}{dropout}{merged}")
 
 
-def make_lors_stack(n_layers: int, in_features: int, out_features: int, rank: int = 8,
+def _refuse_merged(layer: LorsLinear, prefix: str, keep_vars: bool) -> None:
+    if layer.merged:
+        raise RuntimeError(f"LorsLinear {prefix[:-1] or '(root)'} is merged: its shared weight holds the private "
+                           "pair already, so a reloaded layer would add it twice. unmerge() before saving, or save "
+                           "to_linear()")
+
+
+# Writes to the effective weight: in-place methods and functions (name ending in _) other than these,
+# in-place operators, item assignment.
+_NOT_WRITES = {"requires_grad_", "share_memory_", "detach_", "retain_grad"}
+_INPLACE_OPERATORS = {"__setitem__", "__iadd__", "__isub__", "__imul__", "__itruediv__", "__ifloordiv__",
+                      "__imod__", "__ipow__", "__imatmul__", "__iand__", "__ior__", "__ixor__", "__ilshift__",
+                      "__irshift__"}
+
+
+def _writes(func) -> bool:
+    name = getattr(func, "__name__", "")
+    return name in _INPLACE_OPERATORS or (name.endswith("_") and not name.startswith("_") and name not in _NOT_WRITES)
+
+
+class EffectiveWeight(Tensor):
+    """What ``LorsLinear.weight`` returns: the effective weight, freshly computed, whose in-place writes
+    (through it, its ``.data`` or any view of it) are passed on to the layer. A plain computed tensor
+    would take such writes and drop them: PEFT's merge and weight-tying tools would do nothing."""
+
+    @classmethod
+    def wrap(cls, t: Tensor, layer: LorsLinear, root: Tensor) -> "EffectiveWeight":
+        out = t.as_subclass(cls)
+        out._lors_layer, out._lors_root = layer, root
+        return out
+
+    def _plain(self) -> Tensor:
+        with torch._C.DisableTorchFunctionSubclass():
+            return self.as_subclass(Tensor)
+
+    def __reduce_ex__(self, protocol):  # pickled (torch.save) as the plain tensor, without its layer
+        return self._plain().__reduce_ex__(protocol)
+
+    def __deepcopy__(self, memo):
+        return copy.deepcopy(self._plain(), memo)
+
+    def _aliases_root(self, t) -> bool:
+        root = self._lors_root
+        return (isinstance(t, Tensor) and t.device == root.device
+                and t.untyped_storage().data_ptr() == root.untyped_storage().data_ptr())
+
+    @classmethod
+    def __torch_function__(cls, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        with torch._C.DisableTorchFunctionSubclass():
+            if func == Tensor.data.__set__:  # weight.data = new
+                target, value = args
+                root = target._lors_root
+                if (target.shape, target.stride(), target.storage_offset()) != (
+                        root.shape, root.stride(), root.storage_offset()):
+                    raise RuntimeError("LorsLinear.weight: assign .data of the whole weight, not of a view of it")
+                target._lors_layer._write_effective_weight(value)
+                return None
+            target = args[:1] or tuple(kwargs.values())[:1]  # nn.init passes the tensor by keyword
+            written = [t for t in (target if _writes(func) else ()) + tuple(tree_flatten(kwargs.get("out"))[0])
+                       if isinstance(t, cls)]
+            for t in written:  # raise before anything is written
+                t._lors_layer._check_sole_user("writing LorsLinear.weight")
+            out = func(*args, **kwargs)
+            for t in written:
+                t._lors_layer._write_effective_weight(t._lors_root)
+            owner = next(a for a in tree_flatten((args, kwargs))[0] if isinstance(a, cls))
+            # Results sharing the weight's memory (.data, views) stay EffectiveWeight: writes to them count.
+            return tree_map(lambda r: cls.wrap(r, owner._lors_layer, owner._lors_root)
+                            if owner._aliases_root(r) and not isinstance(r, cls) else r, out)
+
+
+def make_lors_stack(n_layers: int, in_features: int, out_features: int, rank: Union[int, Sequence[int]] = 8,
                     groups: Union[int, Sequence[int]] = 1, bias: bool = True, scaling: float = 1.0,
-                    device=None, dtype=None) -> nn.ModuleList:
-    """``n_layers`` LorsLinear layers sharing one SharedWeight; ``groups`` per layer (int or list)."""
-    if isinstance(groups, int):
-        groups = [groups] * n_layers
-    groups = list(groups)
-    if len(groups) != n_layers:
-        raise ValueError(f"make_lors_stack: {len(groups)} group counts given for {n_layers} layers")
-    shared = SharedWeight(in_features, out_features, device=device, dtype=dtype)
+                    init: str = "default", device=None, dtype=None) -> nn.ModuleList:
+    """``n_layers`` LorsLinear layers sharing one SharedWeight (initialized as ``init`` says); ``rank``
+    and ``groups`` per layer (an int for all, or a list)."""
+    ranks, group_counts = ([v] * n_layers if isinstance(v, int) else list(v) for v in (rank, groups))
+    for what, values in (("rank", ranks), ("group count", group_counts)):
+        if len(values) != n_layers:
+            raise ValueError(f"make_lors_stack: {len(values)} {what}s given for {n_layers} layers")
+    shared = SharedWeight(in_features, out_features, init=init, device=device, dtype=dtype)
     return nn.ModuleList(
-        LorsLinear(in_features, out_features, rank=rank, groups=g, bias=bias, shared=shared, scaling=scaling)
-        for g in groups
+        LorsLinear(in_features, out_features, rank=r, groups=g, bias=bias, shared=shared, scaling=scaling)
+        for r, g in zip(ranks, group_counts)
     )
 
 

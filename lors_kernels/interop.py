@@ -1,0 +1,176 @@
+"""LORS models and the tools around them: PEFT LoRA adapters, Hugging Face and safetensors checkpoints.
+
+- ``register_peft(config)``: ``peft.get_peft_model`` then puts LoRA adapters on LorsLinear layers too.
+- ``load_lora(model, state_dict, config)``: a PEFT LoRA adapter checkpoint applied without PEFT, each
+  adapted nn.Linear becoming a LorsLinear (one fused kernel for base + adapter).
+- ``from_pretrained(model_class, directory)``: a converted Hugging Face model back from ``save_pretrained``
+  (``lorsify`` records the stacks in ``config.lors``).
+- ``save_model`` / ``load_model``: safetensors files of any module, the stacks in the file's metadata.
+
+PEFT, transformers and safetensors are imported only by the functions that need them.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from collections.abc import Mapping
+from typing import Dict, List, Optional
+
+from torch import Tensor, nn
+
+from .convert import _replace, lors_structure, restore_lors
+from .lors_linear.module import LorsLinear
+
+__all__ = ["from_pretrained", "load_lora", "load_model", "lora_scaling", "register_peft", "save_model"]
+
+
+def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
+    """PEFT's LoRA scaling: lora_alpha / r, or lora_alpha / sqrt(r) with rsLoRA (rank-stabilized)."""
+    return lora_alpha / (math.sqrt(r) if use_rslora else r)
+
+
+def register_peft(config):
+    """Let ``peft.get_peft_model(model, config)`` adapt LorsLinear layers (``config`` a peft LoraConfig; returned).
+
+    PEFT's own LoRA layer wraps a LorsLinear as it wraps an nn.Linear (through PEFT's experimental custom
+    module API): same forward, ``merge()``, ``unmerge()``, ``merge_and_unload()``. Merging writes the
+    LorsLinear's weight, which works when its shared weight is its own and raises (saying why) when the
+    layer belongs to a stack. Without this registration PEFT refuses LorsLinear targets.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    config._register_custom_module({LorsLinear: Linear})
+    return config
+
+
+_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?"
+                       r"\.(?P<kind>weight|bias)$")
+
+
+def _matches_pattern(pattern: str, name: str) -> bool:
+    """PEFT's rule for rank_pattern / alpha_pattern keys: a regex matching the end of the module name,
+    at a name-component boundary."""
+    return re.match(rf"(.*\.)?({pattern})$", name) is not None
+
+
+def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optional[str] = None) -> List[str]:
+    """Apply a PEFT LoRA adapter to ``model`` in place, without PEFT: each adapted nn.Linear becomes
+    ``LorsLinear.from_lora`` of its weight and bias with down = lora_A, up = lora_B (+ lora_B's bias),
+    scaling from ``config`` and dropout = lora_dropout. The outputs equal PEFT's model with that adapter.
+
+    state_dict: the adapter's tensors only, as ``peft.get_peft_model_state_dict`` or
+        ``adapter_model.safetensors`` hold them (``base_model.model.<module>.lora_A.weight``); keys that
+        name the adapter (``<module>.lora_A.<adapter>.weight``) are taken too, and with several adapters
+        ``adapter_name`` says which.
+    config: a peft LoraConfig, or the Mapping of ``adapter_config.json``: lora_alpha, alpha_pattern,
+        use_rslora, lora_dropout are read; the ranks are the tensors' shapes.
+    Returns the names of the layers replaced.
+    """
+    get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
+    if get("use_dora", False):
+        raise ValueError("load_lora: a DoRA adapter (use_dora) is not plain LoRA; LorsLinear holds plain LoRA only")
+    factors: Dict[str, Dict[str, Tensor]] = {}
+    adapters, other = set(), []
+    for key, value in state_dict.items():
+        match = _LORA_KEY.match(key)
+        if match is None:
+            other.append(key)
+            continue
+        adapters.add(match["adapter"])
+        if adapter_name is None or match["adapter"] in (None, adapter_name):
+            factors.setdefault(match["module"], {})[match["factor"] + "." + match["kind"]] = value
+    if other:
+        raise ValueError(f"load_lora: tensors that are not plain LoRA lora_A / lora_B: {other[:4]} (embedding or "
+                         "variant adapters are not supported; load modules_to_save with load_state_dict)")
+    if adapter_name is None and len(adapters - {None}) > 1:
+        raise ValueError(f"load_lora: the state dict holds adapters {sorted(a for a in adapters if a)}: "
+                         "give adapter_name")
+    if not factors:
+        raise ValueError("load_lora: no lora_A / lora_B tensors in the state dict"
+                         + (f" for adapter {adapter_name!r}" if adapter_name else ""))
+    alpha_pattern = get("alpha_pattern") or {}
+    new, names = {}, []
+    for name, pair in factors.items():
+        if "A.weight" not in pair or "B.weight" not in pair:
+            raise ValueError(f"load_lora: {name} has {sorted(pair)}, needs both lora_A.weight and lora_B.weight")
+        try:
+            linear = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"load_lora: the adapter targets {name}, which the model does not have") from None
+        if type(linear) is not nn.Linear:
+            raise ValueError(f"load_lora: {name} is a {type(linear).__name__}; only nn.Linear layers become LorsLinear")
+        down, up = pair["A.weight"], pair["B.weight"]
+        alpha = next((a for p, a in alpha_pattern.items() if _matches_pattern(p, name)), get("lora_alpha", 8))
+        scaling = lora_scaling(alpha, down.shape[0], get("use_rslora", False))
+        bias = None if linear.bias is None else linear.bias.detach()
+        if "B.bias" in pair:  # PEFT's lora_bias: scaled like the pair
+            bias = (0 if bias is None else bias) + scaling * pair["B.bias"].to(linear.weight)
+        layer = LorsLinear.from_lora(linear.weight.detach(), down, up, bias, scaling=scaling,
+                                     dropout=get("lora_dropout", 0.0) or 0.0)
+        new[id(linear)] = layer.train(linear.training)
+        names.append(name)
+    _replace(model, new)
+    return names
+
+
+def from_pretrained(model_class, directory: str, **kwargs) -> nn.Module:
+    """A converted Hugging Face model back from its ``save_pretrained`` directory: the architecture from
+    config.json (``model_class.from_config``, or ``_from_config`` for a concrete class; ``kwargs`` go
+    to it), the LORS stacks from its ``lors`` entry, then the weights (one safetensors file or shards),
+    every tensor checked. In eval mode, as ``from_pretrained`` returns models. Local directories only."""
+    from transformers import AutoConfig
+
+    if not os.path.isdir(directory):
+        raise ValueError(f"from_pretrained: {directory!r} is not a directory (save_pretrained's output)")
+    config = AutoConfig.from_pretrained(directory)
+    if getattr(config, "lors", None) is None:
+        raise ValueError(f"from_pretrained: {directory}/config.json has no 'lors' entry: not a model converted by "
+                         "lorsify (set model.config.lors = lors_structure(model) before save_pretrained)")
+    build = getattr(model_class, "from_config", None) or model_class._from_config
+    model = restore_lors(build(config, **kwargs))
+    index = os.path.join(directory, "model.safetensors.index.json")
+    if os.path.exists(index):
+        with open(index) as f:
+            files = sorted(set(json.load(f)["weight_map"].values()))
+    else:
+        files = ["model.safetensors"]
+    _load_files(model, [os.path.join(directory, name) for name in files])
+    return model.eval()
+
+
+def save_model(model: nn.Module, filename: str) -> None:
+    """``safetensors.torch.save_model`` with the LORS structure (``lors_structure``) in the file's metadata."""
+    from safetensors.torch import save_model as save
+
+    save(model, filename, metadata={"lors": json.dumps(lors_structure(model))})
+
+
+def load_model(model: nn.Module, filename: str) -> nn.Module:
+    """Into ``model`` as built dense (its architecture without LORS), the converted model that
+    ``save_model`` wrote: the stacks rebuilt from the file's metadata, then every tensor loaded."""
+    from safetensors import safe_open
+
+    with safe_open(filename, "pt") as f:
+        structure = (f.metadata() or {}).get("lors")
+    if structure is None:
+        raise ValueError(f"load_model: {filename} has no LORS structure in its metadata (written by save_model?)")
+    restore_lors(model, json.loads(structure))
+    _load_files(model, [filename])
+    return model
+
+
+def _load_files(model: nn.Module, files: List[str]) -> None:
+    """Load safetensors files into ``model``; each key must land, and every tensor of the model be found
+    in one of the files (aliases of a loaded tensor, such as tied embeddings, count as found)."""
+    from safetensors.torch import load_model as load
+
+    missing, unexpected = None, set()
+    for name in files:
+        file_missing, file_unexpected = load(model, name, strict=False)
+        missing = set(file_missing) if missing is None else missing & set(file_missing)
+        unexpected |= set(file_unexpected)
+    if missing or unexpected:
+        raise RuntimeError(f"loading {files}: missing {sorted(missing)[:8]}, unexpected {sorted(unexpected)[:8]}")
