@@ -73,6 +73,47 @@ class Impl:
         return device.type == self.device and backend.native() is not None
 
 
+def cuda_time_ms(fn: Callable, args, calls: int = 5) -> float:
+    """Median of `calls` timed calls of fn(*args) after one warm-up (CUDA events)."""
+    fn(*args)
+    times = []
+    for _ in range(calls):
+        begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        begin.record()
+        fn(*args)
+        end.record()
+        end.synchronize()
+        times.append(begin.elapsed_time(end))
+    return sorted(times)[len(times) // 2]
+
+
+class Measured:
+    """``wins`` by measurement: the first call of a shape class times this implementation's forward against
+    the rival backend's (like Triton's autotuner) and keeps the verdict per (device, shape class); later
+    calls read it. ``key(case)`` is the shape class (dtype included). Nothing is timed while a CUDA graph
+    is captured (an untimed class then takes this implementation), nor off CUDA devices."""
+
+    def __init__(self, key: Callable, rival: str = "reference", timer: Callable = cuda_time_ms):
+        self.key, self.rival, self.timer = key, rival, timer
+        self.verdicts: dict = {}
+        self.op = self.impl = None  # set by the Op that lists it
+
+    def __call__(self, case) -> bool:
+        device = _device(case)
+        if device.type != "cuda":
+            return True
+        key = (device.index, self.key(case))
+        verdict = self.verdicts.get(key)
+        if verdict is None:
+            if _capturing(device):
+                return True
+            rival = next(i for i in self.op.impls if i.backend == self.rival and i.fits(case))
+            mine = self.timer(lambda *a: _run(self.impl, self.impl.forward, a, device), tuple(case))
+            theirs = self.timer(lambda *a: _run(rival, rival.forward, a, device), tuple(case))
+            verdict = self.verdicts[key] = mine <= theirs
+        return verdict
+
+
 def _parse(name: str, schema: str):
     """(argument declarations as written, argument names, output names) of ``(args) -> outputs``."""
     parsed = torch._C.parse_schema(f"lors::{name}{schema}")
@@ -94,6 +135,11 @@ def _device(args) -> torch.device:
     return next(a.device for a in args if isinstance(a, torch.Tensor))
 
 
+def _capturing(device: torch.device) -> bool:
+    """A CUDA graph is being captured on the current stream: no host sync, no timing."""
+    return device.type == "cuda" and torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
+
+
 def _run(impl: Impl, fn: Callable, args, device: torch.device):
     """One call of an implementation: inputs laid out as it asks, launches on the inputs' device."""
     if impl.layout is not None:
@@ -113,6 +159,9 @@ class Op:
         self.impls = tuple(impls)
         if self.impls[-1].backend != "reference":
             raise ValueError(f"{name}: the last implementation must be the reference, which takes every case")
+        for impl in self.impls:
+            if isinstance(impl.wins, Measured):
+                impl.wins.op, impl.wins.impl = self, impl
         self.check, self.validate = check, validate
         self.returns = len(self.outputs) if returns is None else returns
         self.Case = collections.namedtuple(f"{name}_case", self.args)
@@ -167,8 +216,7 @@ class Op:
             return self._visible(self.op(*args))
         self.check(*args)
         if self.validate is not None:  # eager: a clear error, unless a CUDA graph is being captured
-            device = _device(args)
-            self.validate(*args, sync=not (device.type == "cuda" and torch.cuda.is_current_stream_capturing()))
+            self.validate(*args, sync=not _capturing(_device(args)))
         impl = self.route(*args)
         if impl.eager is not None:
             return impl.eager(*args)

@@ -124,6 +124,31 @@ def test_launches_go_to_the_inputs_device(monkeypatch):
     assert_close(x.grad, 2.0 * (x.detach() > 0).double(), torch.float32, "dx")
 
 
+def test_measured_choice_times_each_shape_class_once_and_keeps_the_faster(monkeypatch):
+    """wins=Measured: the first call of a shape class times both forwards; the faster runs from then on."""
+    timed, runs = [], []
+    speed = {"triton": 2.0, "reference": 1.0}  # the kernel is slower here: the reference must win
+
+    def timer(fn, args):
+        fn(*args)
+        return speed[runs[-1]]
+
+    measured = registry.Measured(lambda c: c.x.shape[0], timer=timer)
+    op = define_op(
+        "test_measured", "(Tensor x) -> Tensor", check=lambda x: None, fake=torch.empty_like,
+        impls=[Impl("triton", "cuda", lambda x: runs.append("triton") or x * 2, wins=measured),
+               Impl("reference", None, lambda x: runs.append("reference") or x * 2)])
+    monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
+    monkeypatch.setattr(measured, "timer", lambda fn, args: timed.append(1) or timer(fn, args))
+    for rows in (3, 3, 5):
+        op(fake_cuda(torch.ones(rows)))
+    assert len(timed) == 4  # two shape classes, two forwards timed each
+    # class 3: timed (triton, reference), then the reference runs twice; class 5: timed, then the reference
+    assert runs == ["triton", "reference", "reference", "reference", "triton", "reference", "reference"]
+    assert measured.verdicts == {(0, 3): False, (0, 5): False}
+    assert op.route(torch.ones(3)).backend == "reference"  # off CUDA nothing is timed
+
+
 # --------------------------------------------------------------------------- every op of the package
 
 

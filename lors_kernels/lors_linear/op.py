@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, as_rows, define_op, shape_str
+from ..registry import Impl, Measured, as_rows, define_op, shape_str
 from . import reference
 
 FLOAT_DTYPES = (*backend.TRITON_DTYPES, torch.float64)
@@ -115,6 +115,11 @@ def _rows(c) -> int:
     return math.prod(c.x.shape[:-1])
 
 
+def _shape_class(c):
+    """Rows rounded up to a power of two; the weight's and the pair's sizes, dtype, bias or not."""
+    return (1 << max(_rows(c) - 1, 0).bit_length(), *c.weight.shape, c.down.shape[0], c.x.dtype, c.bias is None)
+
+
 _reference_backward = _backward_on_rows(reference.lors_linear_backward)
 
 lors_linear_op = define_op(
@@ -123,8 +128,10 @@ lors_linear_op = define_op(
     fake=lambda x, weight, down, up, bias, scaling: x.new_empty((*x.shape[:-1], weight.shape[0])),
     grads=("x", "weight", "down", "up", "bias"),
     impls=[
+        # Never slower than the composite addmm(bias, x, W^T).addmm_(x down^T, up^T) (the reference on
+        # CUDA): measured on the first call of each shape class.
         Impl("triton", "cuda", _on_rows(_triton("lors_linear_forward")),
-             _backward_on_rows(_triton("lors_linear_backward")),
+             _backward_on_rows(_triton("lors_linear_backward")), wins=Measured(_shape_class),
              fits=lambda c: c.x.dtype in backend.TRITON_DTYPES, takes="float32, float16, bfloat16"),
         # The CUDA decode kernel runs only when forced: nothing has measured it against Triton yet.
         Impl("native", "cuda", _on_rows(_native("lors_linear_forward_cuda")),

@@ -26,7 +26,10 @@ def lors_linear(x, weight, down, up, bias=None, scaling: float = 1.0):
     m = math.prod(x.shape[:-1])
     if materialize_is_cheaper(m, weight.shape[0], weight.shape[1], r):
         return F.linear(x, torch.addmm(weight, up, down, alpha=scaling), bias)
-    return F.linear(x, weight, bias) + scaling * F.linear(F.linear(x, down), up)
+    # As eager code at its best writes it: the GEMM with its bias, then the low-rank term added in place.
+    x2 = x.reshape(m, x.shape[-1])
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    return y.addmm_(x2 @ down.t(), up.t(), alpha=scaling).reshape(*x.shape[:-1], weight.shape[0])
 
 
 def lors_linear_backward(grad, x, weight, down, up, scaling: float, has_bias: bool, needs_x: bool):
