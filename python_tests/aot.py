@@ -13,14 +13,16 @@ import contextlib
 import importlib
 import json
 import os
+import re
 import subprocess
 import sys
+import tempfile
 
 import torch
 import triton
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend
+from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
 from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
@@ -87,6 +89,18 @@ def compile_launch(launch: Launch, capability: int):
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
 
+def hopper_report(ptx: str) -> dict:
+    """What an sm_90 compile shows without a GPU: Hopper's tensor-core MMA (wgmma), bulk tensor copies
+    (TMA), and the registers spilled to local memory, from ptxas -v on the PTX."""
+    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
+        f.write(ptx)
+        f.flush()
+        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
+                             capture_output=True, text=True, check=True).stderr
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    return {"wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "spills": spills}
+
+
 def _compile_share(test_module: str, worker: int, workers: int) -> list:
     cases = importlib.import_module(test_module)
     with record_launches(importlib.import_module("lors_kernels.triton_utils")) as seen:
@@ -96,7 +110,10 @@ def _compile_share(test_module: str, worker: int, workers: int) -> list:
         for capability in SHARED_LIMIT:
             entry = {"launch": repr(launch), "capability": capability}
             try:
-                entry["shared"] = compile_launch(launch, capability).metadata.shared
+                kernel = compile_launch(launch, capability)
+                entry["shared"] = kernel.metadata.shared
+                if capability == 90:
+                    entry.update(hopper_report(kernel.asm["ptx"]))
             except Exception as err:  # reported to the test, which fails on it
                 entry["error"] = f"{type(err).__name__}: {err}"[:2000]
             report.append(entry)
@@ -106,7 +123,8 @@ def _compile_share(test_module: str, worker: int, workers: int) -> list:
 def compile_cases(test_module: str) -> list:
     """Compile every launch of `test_module.aot_cases()` in clean processes (one per core).
 
-    Returns one dict per (launch, capability): its name and shared memory, or its error.
+    Returns one dict per (launch, capability): its name and shared memory (and for sm_90 wgmma, tma,
+    spills: hopper_report), or its error.
     """
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     here = os.path.dirname(os.path.abspath(__file__))

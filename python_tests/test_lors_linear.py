@@ -391,3 +391,10 @@ def test_aot_compiles_for_sm80_and_sm90():
     assert len(report) >= 2 * 20, "fewer launches than the dispatch paths imply"
     for entry in report:
         assert entry["shared"] <= SHARED_LIMIT[entry["capability"]], entry
+    # Hopper, 16-bit: no launch spills registers, and every tile of 64 rows or more runs on wgmma (decode
+    # tiles of 16 rows are below wgmma's 64 and take mma.sync: they are bound by reading W). fp32 dots
+    # in IEEE precision run on the FMA units and spill 12-36 bytes in four configurations.
+    hopper = [e for e in report if e["capability"] == 90 and "DOT_DTYPE=fp32" not in e["launch"]]
+    assert hopper and not [e["launch"] for e in hopper if e["spills"]]
+    wide = [e for e in hopper if "BLOCK_M=16," not in e["launch"]]
+    assert wide and all(e["wgmma"] for e in wide), [e["launch"] for e in wide if not e["wgmma"]]
