@@ -1,4 +1,4 @@
-"""Command line: ``python -m lors_kernels env`` and ``python -m lors_kernels bench``."""
+"""Command line: ``python -m lors_kernels env|bench|gpu-check``."""
 
 from __future__ import annotations
 
@@ -19,12 +19,19 @@ def main(argv=None) -> int:
     bench.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (< 2 min on CPU)")
     bench.add_argument("--json", metavar="PATH", help="default: lors_bench/bench.json")
     bench.add_argument("--plot", metavar="PATH", help="default: lors_bench/bench.png")
+    check = sub.add_parser("gpu-check", help="on a GPU: the CUDA tests and the quick bf16 benchmarks, with a "
+                                             "JSON and markdown summary (< 8 min on one H100/H200)")
+    check.add_argument("--out", metavar="DIR", default="gpu-check", help="where the results go (default: gpu-check)")
     args = parser.parse_args(argv)
     if args.command == "env":
         from .backend import env_report
 
         print(env_report())
         return 0
+    if args.command == "gpu-check":
+        from .gpu_check import main as gpu_check_main
+
+        return gpu_check_main(args)
     from .bench import main as bench_main
 
     return bench_main(args)

@@ -79,3 +79,28 @@ def test_every_family_record_builds_its_cases():
             assert list(case.providers) == list(family.providers("cpu")) and list(case.providers)[0] == OURS
         for target in family.targets:
             assert target.peer in family.providers(target.device), (family.name, target)
+
+
+def test_gpu_check_refuses_without_a_gpu_and_summarizes(tmp_path):
+    """gpu-check needs CUDA; its summary (tested on a made-up run) names the machine, every test failure
+    and every target's verdict."""
+    if not torch.cuda.is_available():
+        out = run_cli("gpu-check", "--out", str(tmp_path))
+        assert out.returncode != 0 and "no CUDA device" in out.stderr
+    from lors_kernels import gpu_check
+
+    xml = tmp_path / "tests.xml"
+    xml.write_text('<testsuites><testsuite><testcase classname="a" name="ok"/>'
+                   '<testcase classname="a" name="bad"><failure message="boom"/></testcase>'
+                   '<testcase classname="a" name="gpu"><skipped/></testcase></testsuite></testsuites>')
+    counts = gpu_check.junit_counts(str(xml))
+    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1) and "a::bad: boom" in counts["failures"]
+    row = {"family": "hrca", "mode": "fwd", "label": "size=cityscapes", "ratios": {"topk+gather+SDPA": 0.25},
+           "targets": {"topk+gather+SDPA": 1 / 3}, "meets": {"topk+gather+SDPA": True}}
+    summary = {"machine": {"gpus": ["H200"], "driver": "580", "cuda": "13.0", "torch": "2.11", "triton": "3.6",
+                           "python": "3.12"},
+               "tests": dict(counts, command="pytest", seconds=1.0), "bench": {"results": [row]},
+               "seconds": {"total": 2.0}}
+    text = gpu_check.summary_markdown(summary)
+    assert "H200 · driver 580" in text and "FAIL a::bad: boom" in text
+    assert "| hrca fwd ÷topk+gather+SDPA | size=cityscapes | 0.25 | 0.33 | PASS |" in text

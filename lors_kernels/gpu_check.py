@@ -1,0 +1,170 @@
+"""`python -m lors_kernels gpu-check --out DIR`: everything a GPU can validate, in one prepared command.
+
+1. the machine: GPU, driver, CUDA, torch, triton, what was built;
+2. the CUDA test suite (bf16 included; CUDA-graph capture of every op, deterministic mode bitwise twice,
+   a non-default current device where two GPUs exist: python_tests/test_gpu.py), run from the source
+   tree with pytest, in parallel where pytest-xdist is installed, without the ahead-of-time compile tests
+   (they check CPU-side compilation, which CI does);
+3. the benchmarks in --quick mode, in bf16;
+4. DIR/gpu-check.json and DIR/gpu-check.md: the machine, the test counts and failures, every benchmark
+   target PASS/FAIL, and each stage's time.
+
+Nothing is built: it uses the torch and triton it finds, and the native extension if it was built
+(``python setup.py build_ext --inplace`` first, for the CUDA kernels). Each stage has a time budget so
+that the whole stays under 8 minutes on one H100/H200.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+import xml.etree.ElementTree as ElementTree
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# Seconds per stage: the tests, then the benchmarks (what is left of 8 minutes, less a margin).
+TEST_BUDGET_S = 300
+TOTAL_BUDGET_S = 450
+
+
+def say(message: str) -> None:
+    print(f"[gpu-check {time.strftime('%H:%M:%S')}] {message}", flush=True)
+
+
+def machine() -> dict:
+    import torch
+
+    from . import backend
+
+    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
+            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+            "env": backend.env_report()}
+    try:
+        import triton
+
+        info["triton"] = triton.__version__
+    except ImportError:
+        info["triton"] = None
+    try:
+        query = ["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"]
+        info["driver"] = subprocess.run(query, capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        info["driver"] = None
+    return info
+
+
+def run_tests(out_dir: str, budget_s: float) -> dict:
+    """The CUDA suite under pytest; counts and failures from its JUnit XML."""
+    xml_path, log_path = os.path.join(out_dir, "tests.xml"), os.path.join(out_dir, "tests.log")
+    cmd = [sys.executable, "-m", "pytest", "python_tests", "-q", "-k", "not aot and not distributed",
+           f"--junitxml={xml_path}", "-p", "no:cacheprovider"]
+    try:
+        import xdist  # noqa: F401
+
+        cmd += ["-n", str(min(8, os.cpu_count() or 1))]
+    except ImportError:
+        pass
+    env = dict(os.environ, CUBLAS_WORKSPACE_CONFIG=":4096:8", PYTHONUNBUFFERED="1")
+    say("tests: " + " ".join(cmd[2:]))
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        try:
+            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                  timeout=budget_s).returncode
+        except subprocess.TimeoutExpired:
+            code = "timeout"
+    result = {"exit": code, "seconds": round(time.perf_counter() - start, 1), "command": " ".join(cmd[2:])}
+    result.update(junit_counts(xml_path))
+    say(f"tests: {result.get('passed', 0)} passed, {result.get('failed', 0)} failed, "
+        f"{result.get('skipped', 0)} skipped in {result['seconds']} s (exit {code})")
+    return result
+
+
+def junit_counts(path: str) -> dict:
+    if not os.path.exists(path):
+        return {"failures": ["no JUnit report: the run ended before writing it (see tests.log)"]}
+    counts = {"passed": 0, "failed": 0, "skipped": 0, "failures": []}
+    for case in ElementTree.parse(path).getroot().iter("testcase"):
+        name = f"{case.get('classname')}::{case.get('name')}"
+        problem = case.find("failure")
+        problem = problem if problem is not None else case.find("error")
+        if problem is not None:
+            counts["failed"] += 1
+            counts["failures"].append(f"{name}: {(problem.get('message') or '')[:300]}")
+        elif case.find("skipped") is not None:
+            counts["skipped"] += 1
+        else:
+            counts["passed"] += 1
+    return counts
+
+
+def run_bench(out_dir: str, deadline: float) -> dict:
+    """`bench --quick --dtype bf16` in-process, family by family while time is left."""
+    from . import bench
+
+    reports = []
+    for name in bench.families():
+        if time.perf_counter() > deadline:
+            say(f"bench: {name} skipped, out of time")
+            continue
+        say(f"bench: {name}")
+        reports.append(bench.run([name], "cuda", "bf16", quick=True, progress=False))
+    if not reports:
+        return {"results": []}
+    report = dict(reports[0], results=[row for r in reports for row in r["results"]])
+    report["command"] = "python -m lors_kernels bench --quick --dtype bf16 (from gpu-check)"
+    with open(os.path.join(out_dir, "bench.json"), "w") as f:
+        json.dump(report, f, indent=1)
+    bench.plot(report, os.path.join(out_dir, "bench.png"))
+    return report
+
+
+def summary_markdown(summary: dict) -> str:
+    m, tests = summary["machine"], summary["tests"]
+    lines = ["# gpu-check", "",
+             f"GPU: {', '.join(m['gpus'])} · driver {m['driver']} · CUDA {m['cuda']} · torch {m['torch']} · "
+             f"triton {m['triton']} · python {m['python']}", "",
+             f"Tests (`{tests['command']}`): {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
+             f"{tests.get('skipped', 0)} skipped in {tests['seconds']} s."]
+    lines += [f"- FAIL {f}" for f in tests.get("failures", [])]
+    lines += ["", "| target | shape | ratio | limit | verdict |", "|---|---|---|---|---|"]
+    for row in summary["bench"].get("results", []):
+        for peer, ok in row["meets"].items():
+            lines.append(f"| {row['family']} {row['mode']} ÷{peer} | {row['label']} | {row['ratios'][peer]:.2f} | "
+                         f"{row['targets'][peer]:.2f} | {'PASS' if ok else 'FAIL'} |")
+    lines += ["", f"Stages (s): {summary['seconds']}"]
+    return "\n".join(lines) + "\n"
+
+
+def main(args) -> int:
+    import torch
+
+    if not torch.cuda.is_available():
+        raise SystemExit("gpu-check: torch sees no CUDA device")
+    if not os.path.isdir(os.path.join(ROOT, "python_tests")):
+        raise SystemExit(f"gpu-check: runs from a source checkout (no python_tests/ beside {ROOT})")
+    os.makedirs(args.out, exist_ok=True)
+    start = time.perf_counter()
+    say("machine")
+    summary = {"machine": machine(), "seconds": {}}
+    say(", ".join(summary["machine"]["gpus"]) + f"; torch {torch.__version__}")
+    summary["tests"] = run_tests(args.out, TEST_BUDGET_S)
+    summary["seconds"]["tests"] = summary["tests"]["seconds"]
+    bench_start = time.perf_counter()
+    report = run_bench(args.out, start + TOTAL_BUDGET_S)
+    summary["bench"] = {"results": report["results"]}
+    summary["seconds"]["bench"] = round(time.perf_counter() - bench_start, 1)
+    summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
+    verdicts = [ok for row in report["results"] for ok in row["meets"].values()]
+    summary["targets"] = {"met": sum(verdicts), "of": len(verdicts)}
+    with open(os.path.join(args.out, "gpu-check.json"), "w") as f:
+        json.dump(summary, f, indent=1)
+    with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
+        f.write(summary_markdown(summary))
+    say(f"targets met: {sum(verdicts)} of {len(verdicts)}; wrote {args.out}/gpu-check.md and gpu-check.json "
+        f"in {summary['seconds']['total']} s")
+    return 0 if summary["tests"].get("failed", 1) == 0 and summary["tests"]["exit"] == 0 else 1
+
