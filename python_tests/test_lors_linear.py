@@ -135,6 +135,35 @@ def test_triton_leading_dims_and_noncontiguous(dtype, use_backend):
         assert_close(x.grad, expected[0], dtype, "dx")
 
 
+@pytest.mark.parametrize("split_k", [2, 3, 7])
+@pytest.mark.parametrize("m,k,n", [(300, 520, 8), (8, 700, 40)], ids=["thin_n", "thin_m"])
+def test_triton_split_k_products(m, k, n, split_k):
+    """Plain products split their K loop over programs (fp32 slices summed afterwards): the same sums,
+    bitwise the same on every run; a split count that whole K blocks cannot fill takes fewer splits."""
+    from lors_kernels.lors_linear import triton as kernels
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(m, k, generator=g).to(KERNEL_DEVICE)
+    b = (torch.randn(n, k, generator=g) / k ** 0.5).to(KERNEL_DEVICE).t()  # a transposed view, as W^T
+    first = kernels.lors_matmul(a, b, torch.empty(m, n, device=KERNEL_DEVICE), split_k=split_k)
+    second = kernels.lors_matmul(a, b, torch.empty(m, n, device=KERNEL_DEVICE), split_k=split_k)
+    assert torch.equal(first, second)
+    assert_close(first, a.double() @ b.double(), torch.float32, f"split_k={split_k}")
+
+
+def test_configs_follow_the_shape():
+    """128 x 128 tiles only where they give every SM a program; thin products get narrow tiles, and split
+    their K loop until the grid covers the SMs twice."""
+    from lors_kernels.lors_linear.triton import k_splits, pick_config
+
+    assert pick_config(256, 4096, torch.bfloat16, 132)[:2] == (64, 64)  # 2 x 32 = 64 tiles of 128: too few
+    assert pick_config(4096, 4096, torch.bfloat16, 132)[:2] == (128, 128)
+    assert pick_config(4096, 8, torch.bfloat16, 132)[:2] == (128, 16)  # T = x down^T at rank 8
+    assert k_splits(32, 4096, 64, 132) == 9  # 32 tiles x 9 splits >= 264 programs; 16 K blocks per split
+    assert k_splits(32, 512, 64, 132) == 2  # K too short to split further
+    assert k_splits(1024, 4096, 64, 132) == 1
+
+
 @pytest.mark.parametrize("m", [5, 300], ids=["fused", "k_extended"])
 def test_triton_strided_bias(m, use_backend):
     """A bias that is a strided view (b[::3]) is read by its stride, not as if it were dense."""
@@ -372,13 +401,13 @@ def aot_cases():
     for dtype, precision in [(torch.float32, "highest"), (torch.float32, "high"), (torch.float16, "highest"),
                              (torch.bfloat16, "highest")]:
         torch.set_float32_matmul_precision(precision)
-        for m in (1, 64, 256, 4096):
+        for m, n in ((1, 256), (64, 256), (256, 256), (4096, 256), (16, 4096), (256, 4096), (4096, 4096)):
             for r in (0, 8, 128):
-                x, weight, down, up, bias = make_inputs(m, 512, 256, r, dtype, "meta")
+                x, weight, down, up, bias = make_inputs(m, 512, n, r, dtype, "meta")
                 for b in (bias, None):
                     kernels.lors_linear_forward(x, weight, down, up, b, 0.5)
                     for needs_x in (True, False):
-                        grad = torch.empty(m, 256, device="meta", dtype=dtype)
+                        grad = torch.empty(m, n, device="meta", dtype=dtype)
                         kernels.lors_linear_backward(grad, x, weight, down, up, 0.5, b is not None, needs_x)
 
 

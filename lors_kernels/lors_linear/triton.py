@@ -12,6 +12,10 @@ weight-gradient GEMM dW = dy^T x carry dup = dy^T (x down^T) and dbias = dy^T 1 
 
 All operands are strided 2-D views, so W^T, dy^T and friends are never copied. Offsets are 64-bit:
 a transposed read of dy [M, N] reaches M*N elements, past 2^31 for large vocabularies.
+
+Thin plain products (T = x down^T with N = R, dy (s up), ddown = G^T x with M = R) have few output
+tiles: their K loop is split over programs until the grid covers every SM twice, each split writing
+its own fp32 slice, summed afterwards (deterministic), with tiles sized to the thin side.
 """
 
 from __future__ import annotations
@@ -35,8 +39,8 @@ MAX_FUSED_M = 256
 @triton.jit
 def lors_matmul_kernel(
     a_ptr, b_ptr, c_ptr, bias_ptr, down_ptr, up_ptr, t_ptr,
-    M, N, K, R, scaling,
-    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_bias,
+    M, N, K, R, scaling, K_SPLIT,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_cs, stride_bias,
     stride_dk, stride_dr, stride_ur, stride_un, stride_tm, stride_tr,
     HAS_BIAS: tl.constexpr,   # C += bias[None, :]
     SHRINK: tl.constexpr,     # T = A @ down inside the K loop
@@ -47,7 +51,13 @@ def lors_matmul_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
     GROUP_M: tl.constexpr,
 ):
-    pid_m, pid_n = triton_utils.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    # Programs [split][tile]: split s sums K from s * K_SPLIT on into its own slice of C (K_SPLIT = K: one).
+    tiles = tl.cdiv(M, BLOCK_M) * tl.cdiv(N, BLOCK_N)
+    split = tl.program_id(0) // tiles
+    pid_m, pid_n = triton_utils.grouped_tile(tl.program_id(0) % tiles, M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    k_lo = split * K_SPLIT
+    k_hi = tl.minimum(K, k_lo + K_SPLIT)
+    c_ptr += split.to(tl.int64) * stride_cs
 
     offs_m = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,9 +71,9 @@ def lors_matmul_kernel(
     shrink_here = (pid_n == 0) | EXPAND
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         ks = k0 + offs_k
-        mask_k = ks < K
+        mask_k = ks < k_hi
         a = tl.load(a_ptr + offs_m[:, None] * stride_am + ks[None, :] * stride_ak,
                     mask=mask_m[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
         b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
@@ -118,17 +128,34 @@ CONFIGS = {
     ("large", 2): Config(128, 128, 64, 8, 3),
     ("large", 4): Config(128, 64, 32, 8, 3),
 }
+# Tiles for products with at most 64 output columns (N = R): tall, as narrow as the columns.
+THIN = {2: Config(128, 16, 64, 4, 4), 4: Config(64, 16, 32, 4, 3)}
 
 
-def pick_config(m: int, dtype: torch.dtype) -> Config:
+def pick_config(m: int, n: int, dtype: torch.dtype, sms: int) -> Config:
+    """By shape: 128 x 128 tiles only where they still give every SM a program (M = 256, N = 4096 makes
+    64 of them on 132 SMs: 64 x 64 tiles make 256); thin products get tiles as narrow as N."""
+    width = 2 if dtype.itemsize == 2 else 4
+    if n <= 64 and m > 16:
+        return THIN[width]._replace(BLOCK_N=block(n))
     bucket = "decode" if m <= 16 else "small" if m <= 128 else "large"
-    return CONFIGS[(bucket, 2 if dtype.itemsize == 2 else 4)]
+    cfg = CONFIGS[(bucket, width)]
+    if bucket == "large" and triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N) < sms:
+        return CONFIGS[("small", width)]
+    return cfg
 
 
-def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, scaling=1.0):
+def k_splits(tiles: int, k: int, block_k: int, sms: int) -> int:
+    """Splits of the K loop that bring a plain product's grid to two programs per SM, each split
+    keeping at least four K blocks (a pipeline's worth)."""
+    return max(1, min(triton.cdiv(2 * sms, tiles), k // (4 * block_k)))
+
+
+def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None, scaling=1.0, split_k=None):
     """out[M, N] = a @ b (+ scaling * T @ up) (+ bias); T = a @ down when `down` is given, else `t`.
 
     a [M, K], b [K, N], down [K, R], up [R, N], t / t_out [M, R]: any strides. `t_out` receives T.
+    split_k (plain products only): splits of the K loop; default: k_splits.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -136,7 +163,19 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
     assert down is None or r <= MAX_FUSED_RANK, "a fused T tile holds at most MAX_FUSED_RANK columns"
     if m == 0 or n == 0:
         return out
-    cfg = pick_config(m, a.dtype if a.dtype.itemsize == 2 else b.dtype)
+    sms = triton_utils.sm_count(a.device)
+    cfg = pick_config(m, n, a.dtype if a.dtype.itemsize == 2 else b.dtype, sms)
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+    plain = bias is None and down is None and up is None and t_out is None
+    if split_k is None:
+        split_k = k_splits(tiles, k, cfg.BLOCK_K, sms) if plain else 1
+    assert split_k == 1 or plain, "only plain products split their K loop"
+    k_split = k
+    if split_k > 1:  # K shares whole blocks long; rounding up may leave fewer splits
+        k_split = triton.cdiv(triton.cdiv(k, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
+        split_k = triton.cdiv(k, k_split)
+    # Splits write fp32 slices [split, M, N], summed below.
+    target = out if split_k == 1 else torch.empty((split_k, m, n), device=out.device, dtype=torch.float32)
     # tl.dot wants every dimension >= 16: ranks are padded (masked); given-T mode loops over R in blocks
     block_r = min(block(r), MAX_FUSED_RANK)
     t_any = t if t is not None else t_out
@@ -145,19 +184,20 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
         return (0, 0) if x is None else tuple(x.stride())
 
     args = (
-        a, b, out, out if bias is None else bias, out if down is None else down, out if up is None else up,
-        out if t_any is None else t_any,
-        m, n, k, r, float(scaling),
-        *a.stride(), *b.stride(), *out.stride(), 0 if bias is None else bias.stride(0),
-        *strides(down), *strides(up), *strides(t_any),
+        a, b, target, target if bias is None else bias, target if down is None else down,
+        target if up is None else up, target if t_any is None else t_any,
+        m, n, k, r, float(scaling), k_split,
+        *a.stride(), *b.stride(), *target.stride()[-2:], target.stride(0) if split_k > 1 else 0,
+        0 if bias is None else bias.stride(0), *strides(down), *strides(up), *strides(t_any),
     )
     constexprs = dict(
         HAS_BIAS=bias is not None, SHRINK=down is not None, EXPAND=up is not None, STORE_T=t_out is not None,
         DOT_DTYPE=dot_dtype(a, b), PRECISION=precision(),
         BLOCK_M=cfg.BLOCK_M, BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=block_r, GROUP_M=8,
     )
-    grid = (triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N),)
-    triton_utils.launch(lors_matmul_kernel, grid, args, constexprs, cfg.num_warps, cfg.num_stages)
+    triton_utils.launch(lors_matmul_kernel, (tiles * split_k,), args, constexprs, cfg.num_warps, cfg.num_stages)
+    if split_k > 1:
+        out.copy_(target.sum(0))
     return out
 
 
