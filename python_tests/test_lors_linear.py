@@ -151,6 +151,36 @@ def test_triton_split_k_products(m, k, n, split_k):
     assert_close(first, a.double() @ b.double(), torch.float32, f"split_k={split_k}")
 
 
+@pytest.mark.parametrize("has_bias", [True, False], ids=["bias", "no_bias"])
+def test_triton_decode_splits_k_with_t_hoisted(has_bias, use_backend):
+    """Decode (M <= 16): T = x down^T first, then the main GEMM's K loop split over programs, the given T
+    and the bias added by the first split only; forward and backward against float64."""
+    from lors_kernels.lors_linear import triton as kernels
+
+    use_backend("triton")
+    launches = []
+    original = kernels.triton_utils.launch
+
+    def launch(kernel, grid, *args, **kwargs):
+        launches.append(grid)
+        return original(kernel, grid, *args, **kwargs)
+
+    kernels.triton_utils.launch = launch
+    try:
+        x, weight, down, up, bias = make_inputs(4, 1100, 20, 8, torch.float32, KERNEL_DEVICE, bias=has_bias)
+        leaves = [t.requires_grad_() for t in (x, weight, down, up) + ((bias,) if has_bias else ())]
+        y = lk.lors_linear(x, weight, down, up, bias, scaling=0.6)
+    finally:
+        kernels.triton_utils.launch = original
+    assert [grid[0] for grid in launches] == [4, 4]  # T, then the main GEMM: one tile each, 4 K splits
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(5)).to(y)
+    y.backward(grad)
+    y64, expected = grads64(x, weight, down, up, bias, 0.6, grad)
+    assert_close(y, y64, torch.float32, "y")
+    for name, leaf, e in zip(["dx", "dweight", "ddown", "dup", "dbias"], leaves, expected):
+        assert_close(leaf.grad, e, torch.float32, name)
+
+
 def test_configs_follow_the_shape():
     """128 x 128 tiles only where they give every SM a program; thin products get narrow tiles, and split
     their K loop until the grid covers the SMs twice."""

@@ -13,9 +13,9 @@ weight-gradient GEMM dW = dy^T x carry dup = dy^T (x down^T) and dbias = dy^T 1 
 All operands are strided 2-D views, so W^T, dy^T and friends are never copied. Offsets are 64-bit:
 a transposed read of dy [M, N] reaches M*N elements, past 2^31 for large vocabularies.
 
-Thin plain products (T = x down^T with N = R, dy (s up), ddown = G^T x with M = R) have few output
-tiles: their K loop is split over programs until the grid covers every SM twice, each split writing
-its own fp32 slice, summed afterwards (deterministic), with tiles sized to the thin side.
+Products with few output tiles (T = x down^T with N = R, dy (s up), ddown = G^T x with M = R, decode's
+M <= 16) split their K loop over programs until the grid covers every SM twice, each split writing
+its own fp32 slice, summed afterwards (deterministic); thin products get tiles as narrow as N.
 """
 
 from __future__ import annotations
@@ -85,13 +85,14 @@ def lors_matmul_kernel(
                                mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
                 t = tl.dot(a, down, t, input_precision=PRECISION)
 
+    # The terms that are not sums over K (T @ up from a given T, the bias) go to split 0 alone.
     if EXPAND:
         # T meets up in the inputs' dtype, as in eager code: tensor-core dots, no fp32 epilogue.
         if SHRINK:
             up = tl.load(up_ptr + offs_r[:, None] * stride_ur + offs_n[None, :] * stride_un,
                          mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
             acc = tl.dot((t * scaling).to(DOT_DTYPE), up, acc, input_precision=PRECISION)
-        else:
+        elif split == 0:
             for r0 in range(0, R, BLOCK_R):
                 rs = r0 + offs_r
                 mask_rs = rs < R
@@ -101,7 +102,8 @@ def lors_matmul_kernel(
                              mask=mask_rs[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
                 acc = tl.dot((t_blk * scaling).to(DOT_DTYPE), up, acc, input_precision=PRECISION)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+        if split == 0:
+            acc += tl.load(bias_ptr + offs_n * stride_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
     tl.store(c_ptr + offs_m[:, None] * stride_cm + offs_n[None, :] * stride_cn,
              acc.to(c_ptr.dtype.element_ty), mask=mask_m[:, None] & mask_n[None, :])
     if STORE_T:
@@ -155,7 +157,7 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
     """out[M, N] = a @ b (+ scaling * T @ up) (+ bias); T = a @ down when `down` is given, else `t`.
 
     a [M, K], b [K, N], down [K, R], up [R, N], t / t_out [M, R]: any strides. `t_out` receives T.
-    split_k (plain products only): splits of the K loop; default: k_splits.
+    split_k (not with `down`): splits of the K loop; default: k_splits.
     """
     m, k = a.shape
     n = b.shape[1]
@@ -166,10 +168,11 @@ def lors_matmul(a, b, out, *, bias=None, down=None, up=None, t=None, t_out=None,
     sms = triton_utils.sm_count(a.device)
     cfg = pick_config(m, n, a.dtype if a.dtype.itemsize == 2 else b.dtype, sms)
     tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
-    plain = bias is None and down is None and up is None and t_out is None
+    # A fused shrink needs all of K in one program; a given T and the bias are added by split 0.
+    splittable = down is None and t_out is None
     if split_k is None:
-        split_k = k_splits(tiles, k, cfg.BLOCK_K, sms) if plain else 1
-    assert split_k == 1 or plain, "only plain products split their K loop"
+        split_k = k_splits(tiles, k, cfg.BLOCK_K, sms) if splittable else 1
+    assert split_k == 1 or splittable, "a fused shrink cannot split its K loop"
     k_split = k
     if split_k > 1:  # K shares whole blocks long; rounding up may leave fewer splits
         k_split = triton.cdiv(triton.cdiv(k, split_k), cfg.BLOCK_K) * cfg.BLOCK_K
@@ -212,8 +215,10 @@ def lors_linear_forward(x, weight, down, up, bias, scaling):
     y = torch.empty((m, n), device=x.device, dtype=x.dtype)
     if r == 0:
         return lors_matmul(x, weight.t(), y, bias=bias)
-    if _fuse_shrink(m, r):
+    if m > 16 and _fuse_shrink(m, r):
         return lors_matmul(x, weight.t(), y, bias=bias, down=down.t(), up=up.t(), scaling=scaling)
+    # Large M reads T back instead of recomputing it per column tile; decode (M <= 16) too, so that its
+    # K loop can split over the SMs (N / 64 column tiles alone leave most of them idle).
     t = lors_matmul(x, down.t(), torch.empty((m, r), device=x.device, dtype=torch.float32))
     return lors_matmul(x, weight.t(), y, bias=bias, t=t, up=up.t(), scaling=scaling)
 
