@@ -69,7 +69,7 @@ class Impl:
         if self.backend == "reference":
             return True
         if self.backend == "triton":  # on CPU tensors only under the interpreter, and only when forced
-            return backend.triton_runs_on(device) and (forced or device.type == self.device)
+            return backend.triton_runs_on(device) if forced else device.type == "cuda" and backend.triton_available()
         return device.type == self.device and backend.native() is not None
 
 
@@ -132,7 +132,8 @@ def _laid_out(t, layout: str):
 
 
 def _device(args) -> torch.device:
-    return next(a.device for a in args if isinstance(a, torch.Tensor))
+    """Where a call runs: its first input's device (every op's first input is a tensor)."""
+    return args[0].device
 
 
 def _capturing(device: torch.device) -> bool:
@@ -187,8 +188,9 @@ class Op:
         case, device = self.Case(*args), _device(args)
         forced = backend.forced_backend()
         if forced is None:
-            return next(impl for impl in self.impls
-                        if impl.auto and impl.runs_on(device, False) and impl.fits(case) and impl.wins(case))
+            for impl in self.impls:  # the reference, last, takes every case
+                if impl.auto and impl.runs_on(device, False) and impl.fits(case) and impl.wins(case):
+                    return impl
         chosen = [impl for impl in self.impls if impl.backend == forced]
         if not chosen:  # the op has no kernel of that backend at all: its reference runs
             forced, chosen = "reference", [impl for impl in self.impls if impl.backend == "reference"]
