@@ -150,89 +150,66 @@ def mixing_kernel(
     for tile in range(pid, TILES, tl.num_programs(0)):
         n = (tile // G).to(tl.int64)
         g = tile % G
-        _mixing_tile(
-            x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr, em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
-            dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr, n, g, G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
-            sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
-            sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
-            ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
+        x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
+        mat, s, xhat1, rstd1, h, xhat2, rstd2, out = _forward_tiles(
+            x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
+            em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
+            g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
+            sm_i, sm_o, ss_o, ss_i,
+            sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
+            ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
             offs_pi, offs_ci, offs_co, offs_po, offs_r,
-            CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION, BLOCK_CI, BLOCK_PI, BACKWARD,
+            CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
         )
+        mask2 = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
+        out_ptrs = out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c
+        if not BACKWARD:
+            tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask2)
+        else:
+            dout = tl.load(out_ptrs, mask=mask2, other=0.0).to(tl.float32)
+            dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
+            dpre2_dt = dpre2.to(DT)
+            h_dt = h.to(DT)
 
+            # Spatial mixing: pre2 = S h + sum_k E_k Q_k F_k h.
+            _store(ds_ptr + n * ss_n + g * ss_g, tl.dot(dpre2_dt, tl.trans(h_dt), input_precision=PRECISION),
+                   offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN)
+            dh = tl.dot(tl.trans(s), dpre2_dt, input_precision=PRECISION)
+            if SPATIAL_PRIVATE:
+                for kk in range(KS):
+                    j = g * KS + kk
+                    e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
+                    q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
+                    f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
+                    de, dq, df, dh_k = _chain_backward(e, q, f, h_dt, dpre2_dt, DT, PRECISION)
+                    _accumulate(des_ptr + j * P_OUT * R, de, offs_po, offs_r, R, 1, P_OUT, R)
+                    _store(dqs_ptr + n * sqs_n + j * sqs_j, dq, offs_r, offs_r, sqs_r, sqs_s, R, R)
+                    _accumulate(dfs_ptr + j * R * P_IN, df, offs_r, offs_pi, P_IN, 1, R, P_IN)
+                    dh += dh_k
 
-@triton.jit
-def _mixing_tile(
-    x_ptr, m_ptr, s_ptr, out_ptr, dx_ptr, dm_ptr, ds_ptr, em_ptr, qm_ptr, fm_ptr, es_ptr, qs_ptr, fs_ptr,
-    dem_ptr, dqm_ptr, dfm_ptr, des_ptr, dqs_ptr, dfs_ptr, n, g, G, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
-    sx_n, sx_g, sx_p, sx_c, sm_n, sm_g, sm_i, sm_o, ss_n, ss_g, ss_o, ss_i, so_n, so_g, so_p, so_c,
-    sem_j, sem_a, sem_r, sqm_n, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
-    ses_j, ses_a, ses_r, sqs_n, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
-    offs_pi, offs_ci, offs_co, offs_po, offs_r,
-    CHANNEL_PRIVATE: tl.constexpr, SPATIAL_PRIVATE: tl.constexpr, DT: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_CI: tl.constexpr, BLOCK_PI: tl.constexpr, BACKWARD: tl.constexpr,
-):
-    """The forward, or forward and backward, of the tile of query n, group g."""
-    x = _tile(x_ptr + n * sx_n + g * sx_g, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN, DT)
-    mat, s, xhat1, rstd1, h, xhat2, rstd2, out = _forward_tiles(
-        x, m_ptr + n * sm_n + g * sm_g, s_ptr + n * ss_n + g * ss_g,
-        em_ptr, qm_ptr + n * sqm_n, fm_ptr, es_ptr, qs_ptr + n * sqs_n, fs_ptr,
-        g, KM, KS, R, P_IN, C_IN, C_OUT, P_OUT, eps,
-        sm_i, sm_o, ss_o, ss_i,
-        sem_j, sem_a, sem_r, sqm_j, sqm_r, sqm_s, sfm_j, sfm_r, sfm_b,
-        ses_j, ses_a, ses_r, sqs_j, sqs_r, sqs_s, sfs_j, sfs_r, sfs_b,
-        offs_pi, offs_ci, offs_co, offs_po, offs_r,
-        CHANNEL_PRIVATE, SPATIAL_PRIVATE, DT, PRECISION,
-    )
-    mask2 = (offs_po[:, None] < P_OUT) & (offs_co[None, :] < C_OUT)
-    out_ptrs = out_ptr + n * so_n + g * so_g + offs_po[:, None] * so_p + offs_co[None, :] * so_c
-    if not BACKWARD:
-        tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=mask2)
-    else:
-        dout = tl.load(out_ptrs, mask=mask2, other=0.0).to(tl.float32)
-        dpre2 = _layer_norm_relu_backward(dout, xhat2, rstd2, mask2, P_OUT * C_OUT)
-        dpre2_dt = dpre2.to(DT)
-        h_dt = h.to(DT)
-
-        # Spatial mixing: pre2 = S h + sum_k E_k Q_k F_k h.
-        _store(ds_ptr + n * ss_n + g * ss_g, tl.dot(dpre2_dt, tl.trans(h_dt), input_precision=PRECISION),
-               offs_po, offs_pi, ss_o, ss_i, P_OUT, P_IN)
-        dh = tl.dot(tl.trans(s), dpre2_dt, input_precision=PRECISION)
-        if SPATIAL_PRIVATE:
-            for kk in range(KS):
-                j = g * KS + kk
-                e = _tile(es_ptr + j * ses_j, offs_po, offs_r, ses_a, ses_r, P_OUT, R, DT)
-                q = _tile(qs_ptr + n * sqs_n + j * sqs_j, offs_r, offs_r, sqs_r, sqs_s, R, R, DT)
-                f = _tile(fs_ptr + j * sfs_j, offs_r, offs_pi, sfs_r, sfs_b, R, P_IN, DT)
-                de, dq, df, dh_k = _chain_backward(e, q, f, h_dt, dpre2_dt, DT, PRECISION)
-                _accumulate(des_ptr + j * P_OUT * R, de, offs_po, offs_r, R, 1, P_OUT, R)
-                _store(dqs_ptr + n * sqs_n + j * sqs_j, dq, offs_r, offs_r, sqs_r, sqs_s, R, R)
-                _accumulate(dfs_ptr + j * R * P_IN, df, offs_r, offs_pi, P_IN, 1, R, P_IN)
-                dh += dh_k
-
-        # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
-        mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
-        dpre1 = _layer_norm_relu_backward(dh, xhat1, rstd1, mask1, P_IN * C_OUT)
-        dpre1_dt = dpre1.to(DT)
-        _store(dm_ptr + n * sm_n + g * sm_g, tl.dot(tl.trans(x), dpre1_dt, input_precision=PRECISION),
-               offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
-        dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
-        if CHANNEL_PRIVATE:
-            # pre1^T = F^T Q^T E^T x^T: the spatial chain's shape, on tiles loaded and stored transposed.
-            x_t, dpre1_t = tl.trans(x), tl.trans(dpre1_dt)
-            dx_t = tl.zeros((BLOCK_CI, BLOCK_PI), dtype=tl.float32)
-            for kk in range(KM):
-                j = g * KM + kk
-                f_t = _tile(fm_ptr + j * sfm_j, offs_co, offs_r, sfm_b, sfm_r, C_OUT, R, DT)
-                q_t = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_s, sqm_r, R, R, DT)
-                e_t = _tile(em_ptr + j * sem_j, offs_r, offs_ci, sem_r, sem_a, R, C_IN, DT)
-                df_t, dq_t, de_t, dx_k = _chain_backward(f_t, q_t, e_t, x_t, dpre1_t, DT, PRECISION)
-                _accumulate(dfm_ptr + j * R * C_OUT, df_t, offs_co, offs_r, 1, C_OUT, C_OUT, R)
-                _store(dqm_ptr + n * sqm_n + j * sqm_j, dq_t, offs_r, offs_r, sqm_s, sqm_r, R, R)
-                _accumulate(dem_ptr + j * C_IN * R, de_t, offs_r, offs_ci, 1, R, R, C_IN)
-                dx_t += dx_k
-            dx += tl.trans(dx_t)
-        _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
+            # Channel mixing: pre1 = x M + sum_k ((x E_k) Q_k) F_k.
+            mask1 = (offs_pi[:, None] < P_IN) & (offs_co[None, :] < C_OUT)
+            dpre1 = _layer_norm_relu_backward(dh, xhat1, rstd1, mask1, P_IN * C_OUT)
+            dpre1_dt = dpre1.to(DT)
+            _store(dm_ptr + n * sm_n + g * sm_g, tl.dot(tl.trans(x), dpre1_dt, input_precision=PRECISION),
+                   offs_ci, offs_co, sm_i, sm_o, C_IN, C_OUT)
+            dx = tl.dot(dpre1_dt, tl.trans(mat), input_precision=PRECISION)
+            if CHANNEL_PRIVATE:
+                # pre1^T = F^T Q^T E^T x^T: the spatial chain's shape, on tiles loaded and stored transposed.
+                x_t, dpre1_t = tl.trans(x), tl.trans(dpre1_dt)
+                dx_t = tl.zeros((BLOCK_CI, BLOCK_PI), dtype=tl.float32)
+                for kk in range(KM):
+                    j = g * KM + kk
+                    f_t = _tile(fm_ptr + j * sfm_j, offs_co, offs_r, sfm_b, sfm_r, C_OUT, R, DT)
+                    q_t = _tile(qm_ptr + n * sqm_n + j * sqm_j, offs_r, offs_r, sqm_s, sqm_r, R, R, DT)
+                    e_t = _tile(em_ptr + j * sem_j, offs_r, offs_ci, sem_r, sem_a, R, C_IN, DT)
+                    df_t, dq_t, de_t, dx_k = _chain_backward(f_t, q_t, e_t, x_t, dpre1_t, DT, PRECISION)
+                    _accumulate(dfm_ptr + j * R * C_OUT, df_t, offs_co, offs_r, 1, C_OUT, C_OUT, R)
+                    _store(dqm_ptr + n * sqm_n + j * sqm_j, dq_t, offs_r, offs_r, sqm_s, sqm_r, R, R)
+                    _accumulate(dem_ptr + j * C_IN * R, de_t, offs_r, offs_ci, 1, R, R, C_IN)
+                    dx_t += dx_k
+                dx += tl.trans(dx_t)
+            _store(dx_ptr + n * sx_n + g * sx_g, dx, offs_pi, offs_ci, sx_p, sx_c, P_IN, C_IN)
 
 
 @triton.jit
