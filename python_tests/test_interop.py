@@ -114,23 +114,71 @@ def test_state_dict_holds_the_shared_weight_once_and_reloads():
     assert shared == ["blocks.0.shared.weight", "heads.0.shared.weight"]
     for stack in (model.blocks, model.heads):  # each shared tensor once (model.alias repeats heads.1's own)
         assert sum(v.data_ptr() == stack[0].shared.weight.data_ptr() for v in sd.values()) == 1
-    torch.manual_seed(1)
-    clone = Stacked()
-    assert clone.load_state_dict(sd) is not None
     x = torch.randn(4, 8)
-    torch.testing.assert_close(clone(x), model(x))
-    assert clone.blocks[2].shared is clone.blocks[0].shared
-    assert "shared.weight" in model.blocks[2].state_dict()  # a part on its own keeps its shared weight
-
     moved = dict(sd)  # the shared weight under a later layer's name: found all the same
     moved["blocks.2.shared.weight"] = moved.pop("blocks.0.shared.weight")
-    torch.manual_seed(2)
-    assert Stacked().load_state_dict(moved) is not None
+    old = dict(sd, **{f"blocks.{i}.shared.weight": sd["blocks.0.shared.weight"] for i in (1, 2)})
+    for seed, checkpoint in enumerate((sd, moved, old)):  # old: named once per layer, as before
+        torch.manual_seed(seed + 1)
+        clone = Stacked()
+        assert clone.load_state_dict(checkpoint, strict=False) == ([], []), seed  # nothing missing or unexpected
+        torch.testing.assert_close(clone(x), model(x))
+        assert clone.blocks[2].shared is clone.blocks[0].shared
+    assert "shared.weight" in model.blocks[2].state_dict()  # a part on its own keeps its shared weight
     del moved["blocks.2.shared.weight"]
     with pytest.raises(RuntimeError, match=r"Missing key.*blocks.0.shared.weight.*blocks.1.shared.weight"):
         Stacked().load_state_dict(moved)
-    old = dict(sd, **{f"blocks.{i}.shared.weight": sd["blocks.0.shared.weight"] for i in (1, 2)})
-    assert Stacked().load_state_dict(old) is not None  # checkpoints naming it once per layer still load
+
+
+def test_a_state_dict_taken_during_another_leaves_it_whole():
+    model = random_pairs(Stacked())
+    inner = {}
+    model.blocks[0].register_state_dict_post_hook(
+        lambda module, state_dict, prefix, metadata: inner.update(model.blocks[2].state_dict()))
+    sd = model.state_dict()
+    assert [k for k in sd if k.endswith("shared.weight")] == ["blocks.0.shared.weight", "heads.0.shared.weight"]
+    assert "shared.weight" in inner
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group, as FSDP needs one."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # FSDP1 is deprecated in favour of FSDP2
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # one process
+@pytest.mark.filterwarnings("ignore:When using ``NO_SHARD`` for ``ShardingStrategy``")
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_full_state_dict(one_process_group, use_orig_params):
+    """FSDP1 requires every parameter name in its state dict: there the shared weight appears under
+    each layer's name, as a tied weight does, and such a checkpoint loads anywhere."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    torch.manual_seed(0)
+    model = random_pairs(nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3)))
+    x = torch.randn(4, 8)
+    y = model(x)
+    wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
+        sd = wrapped.state_dict()
+    assert [k for k in sd if k.endswith("shared.weight")] == [f"{i}.shared.weight" for i in range(3)]
+    torch.manual_seed(1)
+    clone = FSDP(nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3)), device_id=torch.device("cpu"),
+                 use_orig_params=use_orig_params)
+    with FSDP.state_dict_type(clone, StateDictType.FULL_STATE_DICT):
+        clone.load_state_dict(sd)
+    torch.testing.assert_close(clone(x), y)
+    plain = nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3))
+    plain.load_state_dict(sd)
+    torch.testing.assert_close(plain(x), y)
 
 
 def test_safetensors_save_model_and_structure_round_trip(tmp_path):

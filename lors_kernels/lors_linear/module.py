@@ -18,8 +18,13 @@ from .op import lors_linear
 INITS = ("default", "xavier")
 
 # Per SharedWeight, outside the module so that pickling and deepcopy never see them:
-_SAVED = weakref.WeakKeyDictionary()    # -> (key, weakref to the tensor saved there) of the last state_dict
+_SAVED = weakref.WeakKeyDictionary()    # -> {id(state dict): (key, weakref to the tensor saved there)}
 _LOADING = weakref.WeakKeyDictionary()  # -> [missing_keys of the load in progress, loaded?, keys missing so far]
+_SAVED_KEPT = 8  # state dicts remembered per SharedWeight, the latest: more than are ever filled at once
+
+# FSDP1 (FullyShardedDataParallel) saves a wrapped module's state under this prefix (torch's
+# FSDP_WRAPPED_MODULE) and then asserts that every name of every parameter is there.
+_FSDP1_PREFIX = "_fsdp_wrapped_module."
 
 
 class SharedWeight(nn.Module):
@@ -30,7 +35,11 @@ class SharedWeight(nn.Module):
 
     In a state dict the weight appears once, under the first name the traversal reaches; the other
     layers' names are left out, and loading fills the one tensor from whichever name holds it. So a
-    checkpoint has no aliased tensors (safetensors and ``save_pretrained`` refuse them).
+    checkpoint has no aliased tensors (safetensors and ``save_pretrained`` refuse them). A consequence:
+    the entries of one layer taken out of a stack's state dict (keys starting with ``blocks.3.``) lack
+    the shared weight unless that layer comes first; ``blocks[3].state_dict()`` has it. Under FSDP1
+    (FullyShardedDataParallel), which requires every name, the weight is saved under each layer's name
+    as a tied weight is; such a checkpoint loads anywhere.
     """
 
     def __init__(self, in_features: int, out_features: int, init: str = "default", device=None, dtype=None):
@@ -51,11 +60,20 @@ class SharedWeight(nn.Module):
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
-        saved = _SAVED.get(self)
-        if saved is not None and saved[0] in destination and destination[saved[0]] is saved[1]():
+        if _FSDP1_PREFIX in prefix:
+            return super()._save_to_state_dict(destination, prefix, keep_vars)
+        # Per state dict: one taken while another is being filled (by a hook) keeps its own record.
+        saved = _SAVED.setdefault(self, {})
+        key, ref = saved.get(id(destination), (None, None))
+        if ref is not None and ref() is not None and destination.get(key) is ref():
             return  # this state_dict already holds it under an earlier layer's name
         super()._save_to_state_dict(destination, prefix, keep_vars)
-        _SAVED[self] = (prefix + "weight", weakref.ref(destination[prefix + "weight"]))
+        saved.pop(id(destination), None)
+        saved[id(destination)] = (prefix + "weight", weakref.ref(destination[prefix + "weight"]))
+        # Only state dicts being filled matter, a few at most. The rest go (with keep_vars the tensor
+        # saved is the parameter itself and stays alive, so a dead reference cannot tell them apart).
+        while len(saved) > _SAVED_KEPT:
+            del saved[next(iter(saved))]
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
