@@ -87,6 +87,79 @@ def test_weight_reads_and_replacement():
         layer.weight.data = torch.zeros(6, 4)
 
 
+def test_layers_sharing_a_weight_are_counted_however_they_were_made():
+    """Writes and merge() need the layer to be the only one on its shared weight: copies, deep copies,
+    pickles, replaced and dropped layers all keep the count right."""
+    layer = own_layer()
+    twin = copy.copy(layer)  # shares the layer's modules, its shared weight among them
+    assert twin.shared is layer.shared and layer.shared.n_layers == 2
+    with pytest.raises(RuntimeError, match="shared weight of 2 layers"):
+        layer.weight.data.zero_()
+    del twin
+    assert layer.shared.n_layers == 1
+    stack = lk.make_lors_stack(3, 6, 4, rank=2)
+    alone = copy.deepcopy(stack[0])  # with its own copy of the shared weight
+    assert alone.shared.n_layers == 1 and stack[0].shared.n_layers == 3
+    alone.weight.data.zero_()
+    assert not alone.effective_weight().any()
+    buffer = io.BytesIO()
+    torch.save(stack, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(stack), torch.load(buffer, weights_only=False)):
+        assert copied[2].shared is copied[0].shared and copied[0].shared.n_layers == 3
+    stack[2].shared = lk.SharedWeight(6, 4)
+    assert stack[0].shared.n_layers == 2 and stack[2].shared.n_layers == 1
+    first = stack[0]
+    del stack, copied
+    assert first.shared.n_layers == 1
+    first.merge()  # the dropped layers no longer hold it back
+
+
+def test_loading_into_a_merged_layer_gives_the_checkpoint():
+    layer = own_layer()
+    x = torch.randn(3, 6)
+    checkpoint = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    with torch.no_grad():
+        layer.up.mul_(2)
+    layer.merge()
+    layer.load_state_dict(checkpoint)  # a checkpoint holds an unmerged layer: it is unmerged first
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_modules_pickled_before_merge_dropout_and_init_still_run():
+    """A stack pickled by an earlier version: its layers have no merged, dropout or hooks, its shared
+    weight no init (nor the count of the version after)."""
+    torch.manual_seed(0)
+    stack = random_pairs(lk.make_lors_stack(2, 6, 4, rank=2))
+    x = torch.randn(3, 6)
+    expected = [layer(x) for layer in stack]
+    for layer in stack:
+        for name in ("merged", "dropout"):
+            layer.__dict__.pop(name, None)
+        layer._state_dict_pre_hooks.clear()
+    stack[0].shared.__dict__.pop("init", None)
+    stack[0].shared.__dict__["n_layers"] = 7  # what a pickle of the version counting in place holds
+    buffer = io.BytesIO()
+    torch.save(stack, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert "merged" not in vars(old[0]) and "init" not in vars(old[0].shared)
+    for layer, y in zip(old, expected):
+        torch.testing.assert_close(layer(x), y)
+        torch.testing.assert_close(layer.weight, layer.effective_weight())
+    assert old[0].shared.n_layers == 2 and "merged" not in repr(old) and old[0].shared.init == "default"
+    assert lk.make_lors_stack(2, 6, 4, rank=2).load_state_dict(old.state_dict(), strict=False) == ([], [])
+    with pytest.raises(RuntimeError, match="shared weight of 2 layers"):
+        old[0].merge()
+    solo = old[0]
+    del old, layer
+    solo.merge()
+    with pytest.raises(RuntimeError, match="is merged"):
+        solo.state_dict()
+
+
 # ------------------------------------------------------------------------------------- state dicts
 
 

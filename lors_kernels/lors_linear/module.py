@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import gc
 import math
 import warnings
 import weakref
@@ -20,11 +21,16 @@ INITS = ("default", "xavier")
 # Per SharedWeight, outside the module so that pickling and deepcopy never see them:
 _SAVED = weakref.WeakKeyDictionary()    # -> {id(state dict): (key, weakref to the tensor saved there)}
 _LOADING = weakref.WeakKeyDictionary()  # -> [missing_keys of the load in progress, loaded?, keys missing so far]
+_USERS = weakref.WeakKeyDictionary()    # -> WeakSet of the LorsLinear layers using it
 _SAVED_KEPT = 8  # state dicts remembered per SharedWeight, the latest: more than are ever filled at once
 
 # FSDP1 (FullyShardedDataParallel) saves a wrapped module's state under this prefix (torch's
 # FSDP_WRAPPED_MODULE) and then asserts that every name of every parameter is there.
 _FSDP1_PREFIX = "_fsdp_wrapped_module."
+
+
+def _users(shared: "SharedWeight") -> "weakref.WeakSet":
+    return _USERS.setdefault(shared, weakref.WeakSet())
 
 
 class SharedWeight(nn.Module):
@@ -42,6 +48,8 @@ class SharedWeight(nn.Module):
     as a tied weight is; such a checkpoint loads anywhere.
     """
 
+    init = "default"  # for modules pickled before init existed
+
     def __init__(self, in_features: int, out_features: int, init: str = "default", device=None, dtype=None):
         super().__init__()
         if init not in INITS:
@@ -49,9 +57,14 @@ class SharedWeight(nn.Module):
         self.in_features = in_features
         self.out_features = out_features
         self.init = init
-        self.n_layers = 0  # LorsLinear layers built on it: writes through one layer need it to be the only one
         self.weight = nn.Parameter(torch.empty(out_features, in_features, device=device, dtype=dtype))
         self.reset_parameters()
+
+    @property
+    def n_layers(self) -> int:
+        """The LorsLinear layers using this weight now (copies and unpickled ones included, dropped ones
+        not): writes through one layer need it to be the only one."""
+        return len(_USERS.get(self, ()))
 
     def reset_parameters(self) -> None:
         if self.init == "xavier":
@@ -109,6 +122,10 @@ class LorsLinear(nn.Module):
     (PEFT's lora_dropout); the fused op runs whenever it is inactive.
     """
 
+    # Defaults for modules pickled before these attributes existed.
+    merged = False
+    dropout = 0.0
+
     def __init__(self, in_features: int, out_features: int, rank: int = 8, groups: int = 1, bias: bool = True,
                  shared: Optional[SharedWeight] = None, scaling: float = 1.0, dropout: float = 0.0,
                  init: str = "default", device=None, dtype=None):
@@ -135,7 +152,6 @@ class LorsLinear(nn.Module):
         self.down = nn.Parameter(torch.empty(rank * groups, in_features, **factory))
         self.up = nn.Parameter(torch.empty(out_features, rank * groups, **factory))
         self.register_parameter("bias", nn.Parameter(torch.empty(out_features, **factory)) if bias else None)
-        self.register_state_dict_pre_hook(_refuse_merged)
         self.reset_private_parameters()
 
     def __setattr__(self, name, value):
@@ -144,13 +160,34 @@ class LorsLinear(nn.Module):
                 "LorsLinear.weight is computed (shared.weight + scaling * up @ down), so it cannot be replaced or "
                 "tied to another tensor. Write its values in place (layer.weight.data.copy_(w) updates the layer "
                 "when its shared weight is its own), or set shared.weight, down and up.")
-        if name == "shared" and isinstance(value, SharedWeight):  # keep each SharedWeight's count of users
+        if name == "shared":  # keep each SharedWeight's set of users
             old = self._modules.get("shared")
             if old is not value:
-                value.n_layers += 1
-                if old is not None:
-                    old.n_layers -= 1
+                if isinstance(old, SharedWeight):
+                    _users(old).discard(self)
+                if isinstance(value, SharedWeight):
+                    _users(value).add(self)
         super().__setattr__(name, value)
+
+    def __delattr__(self, name):
+        if name == "shared" and isinstance(self._modules.get("shared"), SharedWeight):
+            _users(self._modules["shared"]).discard(self)
+        super().__delattr__(name)
+
+    def __setstate__(self, state):
+        super().__setstate__(state)
+        shared = self._modules.get("shared")
+        if isinstance(shared, SharedWeight):  # unpickled, copied or deep-copied: one more layer uses it
+            _users(shared).add(self)
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        _refuse_merged(self, prefix, keep_vars)  # here, not a hook: modules pickled without hooks check too
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
+        if self.merged:  # a checkpoint holds an unmerged layer (state_dict refuses merged ones)
+            self.unmerge()
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def reset_private_parameters(self) -> None:
         """The official init: down kaiming_uniform_ (a = 0, bound sqrt(6 / in)), up and bias zero (the
@@ -191,9 +228,13 @@ class LorsLinear(nn.Module):
         return EffectiveWeight.wrap(w, self, w)
 
     def _check_sole_user(self, what: str) -> None:
-        if self.shared.n_layers > 1:
+        users = self.shared.n_layers
+        if users > 1:  # a dropped layer caught in a reference cycle counts until the collector frees it
+            gc.collect()
+            users = self.shared.n_layers
+        if users > 1:
             raise RuntimeError(
-                f"LorsLinear: {what} would change the shared weight of {self.shared.n_layers} layers, not only this "
+                f"LorsLinear: {what} would change the shared weight of {users} layers, not only this "
                 "one. A rank-limited private pair cannot hold an arbitrary change: convert this layer with "
                 "to_linear() first, or change shared.weight (every layer) or down/up (this layer) explicitly.")
 
@@ -328,6 +369,7 @@ class LorsLinear(nn.Module):
 
 
 def _refuse_merged(layer: LorsLinear, prefix: str, keep_vars: bool) -> None:
+    # Also a state-dict pre-hook of layers pickled by the version that registered it: keep the name.
     if layer.merged:
         raise RuntimeError(f"LorsLinear {prefix[:-1] or '(root)'} is merged: its shared weight holds the private "
                            "pair already, so a reloaded layer would add it twice. unmerge() before saving, or save "
