@@ -595,13 +595,16 @@ def test_count_parameters_is_an_int():
     total = 32 + 3 * (2 * 12 + 4)
     assert int(count) == count == count.total == total and isinstance(count, int)
     assert count + 1 == total + 1 and 2 * count == 2 * total and count / 2 == total / 2 and count > total - 1
-    assert f"{count:,}" == f"{total:,}" and f"{count:>6d}" == f"{total:>6d}"
-    assert "per layer" in str(count) and count.stacks[0].layers == 3 and count.other == 0
+    assert f"{count:,}" == f"{total:,}" and f"{count:>6d}" == f"{total:>6d}" and f"{count}" == f"{total}"
+    assert "{}".format(count) == str(total) and "%d" % count == str(total)
+    assert "per layer" in count.table() and count.table() == str(count)
+    assert count.stacks[0].layers == 3 and count.other == 0
     assert sum([count, count]) == 2 * total and json.dumps({"n": count}) == f'{{"n": {total}}}'
 
 
 def test_lorsify_reports_a_stack_larger_than_dense():
-    """kappa <= L / (L - 1) gives no saving: shared (one dense weight) + L pairs of 1/kappa each."""
+    """Shared (one dense weight) + L pairs of at most 1/kappa each: kappa > L / (L - 1) always saves, and
+    a stack that saves nothing has kappa <= L / (L - 1); not the converse, the rank being rounded down."""
     def stack(n):
         model = nn.Sequential(*(nn.Linear(12, 12, bias=False) for _ in range(n)))
         return model
@@ -612,7 +615,9 @@ def test_lorsify_reports_a_stack_larger_than_dense():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = lorsify(stack(4), "*", kappa=2)["*"]  # rank 3: 144 + 4 * 72 = 432 < 576
-    assert report.saves and "warning" not in str(report)
+        assert report.saves and "warning" not in str(report)
+        report = lorsify(stack(4), "*", kappa=1.3)["*"]  # 1.3 < 4/3, yet rank 4: 144 + 4 * 96 = 528 < 576
+        assert report.saves and report.params_after == 528
 
 
 # ------------------------------------------------------------------------------------------ distill
@@ -641,3 +646,36 @@ def test_distill_reduces_the_output_error():
 
     with pytest.raises(TypeError, match="no tensor in the model's output"):
         distill(student, Words(), calibration, steps=1, progress=False)
+
+
+def test_distill_matches_logits_not_the_loss():
+    """A batch with labels makes a Hugging Face model return its loss first: distill matches the logits."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    teacher = BertForSequenceClassification(config).eval()
+    student = copy.deepcopy(teacher)
+    lorsify(student, "bert.encoder.layer.*.intermediate.dense", rank=1)
+    batch = {"input_ids": torch.randint(0, 64, (4, 12)), "labels": torch.tensor([0, 1, 2, 0])}
+    with torch.no_grad():
+        got, target = student(**batch), teacher(**batch)
+    assert list(got.keys())[0] == "loss"
+    expected = ((got.logits - target.logits).norm() / target.logits.norm()).item()
+
+    class AsTuple(nn.Module):  # return_dict=False: (loss, logits)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **batch):
+            return self.model(**batch, return_dict=False)
+
+    for as_tuple in (False, True):
+        s, t = copy.deepcopy(student), teacher
+        if as_tuple:
+            s, t = AsTuple(s), AsTuple(t)
+        errors = distill(s, t, batch, steps=1, progress=False)
+        assert errors[0] == pytest.approx(expected, rel=1e-4), as_tuple
