@@ -368,6 +368,7 @@ def test_fsdp1_full_state_dict(one_process_group, use_orig_params):
 
 
 def test_safetensors_save_model_and_structure_round_trip(tmp_path):
+    pytest.importorskip("safetensors")
     from safetensors.torch import load_model, save_model
 
     torch.manual_seed(0)
@@ -406,6 +407,7 @@ def test_safetensors_save_model_and_structure_round_trip(tmp_path):
 
 
 def tiny_bert(seed=0):
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -418,6 +420,7 @@ TARGETS = ["encoder.layer.*.attention.self.query", "encoder.layer.*.intermediate
 
 
 def test_hugging_face_save_pretrained_and_back(tmp_path):
+    pytest.importorskip("transformers")
     from transformers import AutoModel, BertModel
 
     model = tiny_bert()
@@ -455,6 +458,7 @@ class Mlp(nn.Module):
 
 def peft_model(model, seed=1, **config):
     """PEFT's own LoRA model on ``model``, with random lora_B (PEFT starts it at zero)."""
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     config = {"r": 4, "lora_alpha": 6, "target_modules": ["fc1", "fc2"], **config}
@@ -528,8 +532,9 @@ def test_merge_unmerge_to_linear():
 
 
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")  # PEFT's word on every custom layer it wraps
-def test_get_peft_model_on_lors_layers():
-    from peft import LoraConfig, get_peft_model
+def test_get_peft_model_on_lors_layers(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     dense = Mlp()
     lors = copy.deepcopy(dense)
@@ -542,10 +547,16 @@ def test_get_peft_model_on_lors_layers():
         get_peft_model(copy.deepcopy(lors), LoraConfig(r=4, target_modules=["fc1"]))
     config = dict(r=4, lora_alpha=6, target_modules=["fc1", "fc2"])
     peft_dense = peft_model(dense, **config).eval()
+    base = copy.deepcopy(lors)
     peft_lors = get_peft_model(lors, interop.register_peft(LoraConfig(**config))).eval()
     peft_lors.load_state_dict(peft_dense.state_dict(), strict=False)  # the same adapters
     x = torch.randn(5, 10)
     torch.testing.assert_close(peft_lors(x), peft_dense(x))
+    peft_lors.save_pretrained(tmp_path)  # a saved adapter loads with the registered config
+    with pytest.raises(ValueError, match="not supported"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    config_saved = interop.register_peft(LoraConfig.from_pretrained(tmp_path))
+    torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path, config=config_saved).eval()(x), peft_dense(x))
     merged_dense, merged_lors = peft_dense.merge_and_unload(), peft_lors.merge_and_unload()
     assert isinstance(merged_lors.fc1, lk.LorsLinear)  # the adapter went into the layer's own shared weight
     torch.testing.assert_close(merged_lors(x), merged_dense(x), rtol=1e-5, atol=1e-5)
@@ -559,6 +570,7 @@ def test_get_peft_model_on_lors_layers():
 
 @pytest.mark.parametrize("variant", ["lora", "rslora+alpha_pattern"])
 def test_load_lora_state_dict_equals_peft(variant):
+    pytest.importorskip("peft")
     from peft import get_peft_model_state_dict
 
     extra = dict(use_rslora=True, alpha_pattern={"fc2": 3}) if variant != "lora" else {}
