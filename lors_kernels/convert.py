@@ -88,8 +88,9 @@ class StackCount:
 
 class ParameterCount(int):
     """The number of parameters, each counted once: an int (``int()``, arithmetic, comparisons, format
-    specs such as ``f"{count:,}"``) that also has ``stacks``, breaking the stacked ones down, and
-    ``other``, the rest. ``str()`` is the table."""
+    specs such as ``f"{count:,}"``; ``f"{count}"`` is the number too) that also has ``stacks``, breaking
+    the stacked ones down, and ``other``, the rest. ``table()`` is that breakdown as text, and so are
+    ``str()`` and ``print()``."""
 
     def __new__(cls, total: int, stacks: Sequence[StackCount] = ()):
         count = super().__new__(cls, total)
@@ -110,12 +111,18 @@ class ParameterCount(int):
     def __repr__(self) -> str:
         return f"ParameterCount({self.total}, stacks={self.stacks!r})"
 
-    def __str__(self) -> str:
+    def table(self) -> str:
+        """One row per stack (layers, shared, private, average per layer), then the total."""
         rows = [f"{'stack':<40} {'layers':>6} {'shared':>12} {'private':>12} {'per layer':>12}"]
         rows += [f"{s.name:<40} {s.layers:>6} {s.shared:>12,} {sum(s.private):>12,} {s.per_layer:>12,.0f}"
                  for s in self.stacks]
         rows.append(f"total {self.total:,} parameters ({self.other:,} outside stacks)")
         return "\n".join(rows)
+
+    __str__ = table
+
+    def __format__(self, spec: str) -> str:  # int's: "" would fall back to str(), the table
+        return format(int(self), spec)
 
 
 def _numel(params: Iterable[Tensor]) -> int:
@@ -160,7 +167,8 @@ class StackReport:
     """What ``lorsify`` did to the layers one pattern matched. Errors are relative Frobenius norms:
     ``weight_error[l] = |W_l - W_eff| / |W_l|``; with calibration data, ``output_error[l] = |y_lors - y| / |y|``
     over the layer's inputs in the dense model (nan for a layer the calibration never ran). ``saves``:
-    the LORS stack has fewer parameters than the dense one (with ``kappa``: only when kappa > L / (L - 1))."""
+    the LORS stack has fewer parameters than the dense one. With ``kappa`` it always does when
+    kappa > L / (L - 1); below that, the rank's rounding down can still make it save."""
 
     pattern: str
     layers: List[str]
@@ -184,7 +192,8 @@ class StackReport:
             return None
         n = len(self.layers)
         why = ""
-        if self.kappa is not None:  # shared (1 dense weight) + n pairs of 1/kappa each vs n dense weights
+        if self.kappa is not None:  # shared (1 dense weight) + n pairs of at most 1/kappa each vs n dense
+            # weights: saving nothing implies kappa <= n / (n - 1) (not the converse: the rank is rounded down)
             limit = "inf" if n == 1 else f"{n / (n - 1):.4g}"
             why = f": kappa = {self.kappa} <= L / (L - 1) = {limit} for L = {n} layers"
         return (f"{self.pattern}: the LORS stack is no smaller than the dense one ({self.params_after:,} >= "
@@ -489,13 +498,20 @@ def _fit_pca(linear: nn.Linear, shared: SharedWeight, features: _ResidualFeature
 
 
 def _first_tensor(output) -> Tensor:
-    """A model's output as one tensor: itself, or the first tensor in it (a Hugging Face model's
-    last_hidden_state or logits)."""
+    """A model's output as one tensor: itself; else its ``logits`` or ``last_hidden_state``; else its
+    first tensor that is not a scalar, and not under the key ``loss`` (a Hugging Face model given labels
+    puts its loss first, in a ModelOutput or, with return_dict=False, a tuple)."""
     if isinstance(output, Tensor):
         return output
-    values = output.values() if isinstance(output, Mapping) else output if isinstance(output, (tuple, list)) else ()
+    if isinstance(output, Mapping):
+        for key in ("logits", "last_hidden_state"):
+            if isinstance(output.get(key), Tensor):
+                return output[key]
+        values = [v for k, v in output.items() if k != "loss"]
+    else:
+        values = output if isinstance(output, (tuple, list)) else ()
     for value in values:
-        if isinstance(value, Tensor):
+        if isinstance(value, Tensor) and value.dim() > 0:
             return value
     raise TypeError(f"distill: no tensor in the model's output ({type(output).__name__}); pass output=")
 
@@ -511,7 +527,8 @@ def distill(student: nn.Module, teacher: nn.Module, calibration, *, steps: int =
     calibration: batches as ``lorsify`` takes them (a Tensor, a tuple, a Mapping, or an iterable of them).
     parameters: what to train; by default every parameter of the student's LorsLinear layers (shared
         weights, private pairs, biases) that requires grad.
-    output: model output -> the tensor to match (default: the output if a tensor, else its first tensor).
+    output: model output -> the tensor to match (default: the output if a tensor, else its logits or
+        last_hidden_state, else its first tensor that is not a scalar loss).
     progress: a tqdm bar, when tqdm is installed.
 
     Returns the relative output error |y_s - y_t| / |y_t| of each step's batch, measured before that step.

@@ -38,7 +38,9 @@ def register_peft(config):
     PEFT's own LoRA layer wraps a LorsLinear as it wraps an nn.Linear (through PEFT's experimental custom
     module API): same forward, ``merge()``, ``unmerge()``, ``merge_and_unload()``. Merging writes the
     LorsLinear's weight, which works when its shared weight is its own and raises (saying why) when the
-    layer belongs to a stack. Without this registration PEFT refuses LorsLinear targets.
+    layer belongs to a stack. Without this registration PEFT refuses LorsLinear targets, also when
+    loading a saved adapter: pass the registered config,
+    ``PeftModel.from_pretrained(model, path, config=register_peft(LoraConfig.from_pretrained(path)))``.
     """
     from peft.tuners.lora.layer import Linear
 

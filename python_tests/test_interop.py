@@ -46,7 +46,16 @@ WRITES = {  # name -> (write(layer, w, delta), the weight expected after)
     "nn.init": (lambda l, w, d: nn.init.zeros_(l.weight), lambda w, d: torch.zeros_like(w)),
     "view": (lambda l, w, d: l.weight.data[1].fill_(2.0), lambda w, d: w.index_fill(0, torch.tensor([1]), 2.0)),
     "no_grad mul_": (lambda l, w, d: torch.no_grad()(lambda: l.weight.mul_(3))(), lambda w, d: 3 * w),
+    "no_grad +=": (lambda l, w, d: add_to_weight(l, d), lambda w, d: w + d),
+    "_foreach_copy_": (lambda l, w, d: torch._foreach_copy_([l.weight.data], [d]), lambda w, d: d),
+    "_foreach_mul_": (lambda l, w, d: torch._foreach_mul_([l.weight.data], 3.0), lambda w, d: 3 * w),
+    "aten.copy_.default": (lambda l, w, d: torch.ops.aten.copy_.default(l.weight.data, d), lambda w, d: d),
 }
+
+
+def add_to_weight(layer, delta):
+    with torch.no_grad():
+        layer.weight += delta  # Python then assigns layer.weight = (the same tensor)
 
 
 @pytest.mark.parametrize("write", WRITES, ids=list(WRITES))
@@ -71,6 +80,15 @@ def test_writes_to_a_stacked_layer_raise(write):
         assert torch.equal(value, before[key]), key
 
 
+def test_in_place_changes_of_shape_or_flags_are_not_writes():
+    stack = lk.make_lors_stack(3, 6, 4, rank=2)
+    before = stack[1].effective_weight().detach().clone()
+    weight = stack[1].weight.detach()
+    weight.t_().unsqueeze_(0).squeeze_(0).requires_grad_(True)  # no value written: nothing to refuse
+    assert weight.shape == (6, 4) and torch.equal(weight, before.t())
+    assert torch.equal(stack[1].effective_weight(), before)
+
+
 def test_weight_reads_and_replacement():
     layer = own_layer()
     layer.weight.square().sum().backward()  # a read is differentiable
@@ -85,6 +103,174 @@ def test_weight_reads_and_replacement():
         layer.weight = nn.Parameter(torch.zeros(4, 6))
     with pytest.raises(ValueError, match=r"LorsLinear.weight is \[4, 6\]"):
         layer.weight.data = torch.zeros(6, 4)
+    with pytest.raises(ValueError, match="torch.float32 on cpu, got a torch.float16 tensor"):
+        layer.weight.data = torch.zeros(4, 6, dtype=torch.float16)  # nn.Linear would change its dtype
+
+
+@pytest.mark.parametrize("write", ["data.set_", "no_grad set_", "numpy"])
+def test_writes_that_cannot_reach_the_layer_raise(write):
+    """set_ points a tensor at other memory and numpy() hands the memory to numpy, where no write is
+    seen: both raise instead of writing nothing."""
+    layer = own_layer()
+    before = layer.effective_weight().detach().clone()
+    new = torch.randn(4, 6)
+    if write == "numpy":
+        assert np_equal(layer.weight.detach().numpy(), before)  # reading works
+        with pytest.raises(ValueError, match="read-only"):
+            layer.weight.data.numpy()[...] = new.numpy()
+    else:
+        with pytest.raises(RuntimeError, match="set_ would point it at other memory"):
+            if write == "data.set_":
+                layer.weight.data.set_(new)
+            else:
+                with torch.no_grad():
+                    layer.weight.set_(new)
+    assert torch.equal(layer.effective_weight(), before)
+
+
+def np_equal(array, tensor):
+    return torch.equal(torch.from_numpy(array.copy()), tensor)
+
+
+def test_a_write_through_an_earlier_weight_changes_only_what_it_writes():
+    """A .weight read before an optimizer step: writing one element changes that element by what the
+    write changed, and no other (the layer is not rolled back to the old read)."""
+    layer = own_layer()
+    earlier = layer.weight.data
+    optimizer = torch.optim.SGD(layer.parameters(), lr=0.1)
+    layer(torch.randn(3, 6)).square().sum().backward()
+    optimizer.step()
+    current = layer.effective_weight().detach().clone()
+    earlier[0, 0] += 1.0
+    expected = current.clone()
+    expected[0, 0] += 1.0
+    after = layer.effective_weight().detach()
+    torch.testing.assert_close(after, expected)
+    assert torch.equal(after.flatten()[1:], current.flatten()[1:])
+
+
+def test_a_bf16_write_of_one_element_changes_that_element_only():
+    torch.manual_seed(0)
+    layer = random_pairs(lk.LorsLinear(64, 64, rank=4)).to(torch.bfloat16)
+    before = layer.effective_weight().detach().clone()
+    with torch.no_grad():
+        layer.weight[1, 2] = 0.5
+    after = layer.effective_weight().detach()
+    assert (after != before).nonzero().tolist() == [[1, 2]]
+    torch.testing.assert_close(after[1, 2].float(), torch.tensor(0.5), rtol=0, atol=1e-2)
+
+
+def test_layers_sharing_a_weight_are_counted_however_they_were_made():
+    """Writes and merge() need the layer to be the only one on its shared weight: copies, deep copies,
+    pickles, replaced and dropped layers all keep the count right."""
+    layer = own_layer()
+    twin = copy.copy(layer)  # shares the layer's modules, its shared weight among them
+    assert twin.shared is layer.shared and layer.shared.n_layers == 2
+    with pytest.raises(RuntimeError, match="shared weight of 2 layers"):
+        layer.weight.data.zero_()
+    del twin
+    assert layer.shared.n_layers == 1
+    stack = lk.make_lors_stack(3, 6, 4, rank=2)
+    alone = copy.deepcopy(stack[0])  # with its own copy of the shared weight
+    assert alone.shared.n_layers == 1 and stack[0].shared.n_layers == 3
+    alone.weight.data.zero_()
+    assert not alone.effective_weight().any()
+    buffer = io.BytesIO()
+    torch.save(stack, buffer)
+    buffer.seek(0)
+    for copied in (copy.deepcopy(stack), torch.load(buffer, weights_only=False)):
+        assert copied[2].shared is copied[0].shared and copied[0].shared.n_layers == 3
+    stack[2].shared = lk.SharedWeight(6, 4)
+    assert stack[0].shared.n_layers == 2 and stack[2].shared.n_layers == 1
+    first = stack[0]
+    del stack, copied
+    assert first.shared.n_layers == 1
+    first.merge()  # the dropped layers no longer hold it back
+
+
+def test_loading_into_a_merged_layer_gives_the_checkpoint():
+    layer = own_layer()
+    x = torch.randn(3, 6)
+    checkpoint = {k: v.clone() for k, v in layer.state_dict().items()}
+    y = layer(x)
+    with torch.no_grad():
+        layer.up.mul_(2)
+    layer.merge()
+    layer.load_state_dict(checkpoint)  # a checkpoint holds an unmerged layer: it is unmerged first
+    assert not layer.merged
+    torch.testing.assert_close(layer(x), y)
+
+
+def test_modules_pickled_before_merge_dropout_and_init_still_run():
+    """A stack pickled by an earlier version: its layers have no merged, dropout or hooks, its shared
+    weight no init (nor the count of the version after)."""
+    torch.manual_seed(0)
+    stack = random_pairs(lk.make_lors_stack(2, 6, 4, rank=2))
+    x = torch.randn(3, 6)
+    expected = [layer(x) for layer in stack]
+    for layer in stack:
+        for name in ("merged", "dropout"):
+            layer.__dict__.pop(name, None)
+        layer._state_dict_pre_hooks.clear()
+    stack[0].shared.__dict__.pop("init", None)
+    stack[0].shared.__dict__["n_layers"] = 7  # what a pickle of the version counting in place holds
+    buffer = io.BytesIO()
+    torch.save(stack, buffer)
+    buffer.seek(0)
+    old = torch.load(buffer, weights_only=False)
+    assert "merged" not in vars(old[0]) and "init" not in vars(old[0].shared)
+    for layer, y in zip(old, expected):
+        torch.testing.assert_close(layer(x), y)
+        torch.testing.assert_close(layer.weight, layer.effective_weight())
+    assert old[0].shared.n_layers == 2 and "merged" not in repr(old) and old[0].shared.init == "default"
+    assert lk.make_lors_stack(2, 6, 4, rank=2).load_state_dict(old.state_dict(), strict=False) == ([], [])
+    with pytest.raises(RuntimeError, match="shared weight of 2 layers"):
+        old[0].merge()
+    solo = old[0]
+    del old, layer
+    solo.merge()
+    with pytest.raises(RuntimeError, match="is merged"):
+        solo.state_dict()
+
+
+def test_weight_under_torch_func():
+    """torch.func transforms (functional_call, grad, vmap) read .weight as a plain tensor."""
+
+    class ReadsWeight(nn.Module):  # code written for nn.Linear
+        def __init__(self):
+            super().__init__()
+            self.fc = own_layer()
+
+        def forward(self, x):
+            return F.linear(x, self.fc.weight, self.fc.bias)
+
+    model = ReadsWeight()
+    x = torch.randn(5, 6)
+    params = {name: p.detach() for name, p in model.named_parameters()}
+    grads = torch.func.grad(lambda p: torch.func.functional_call(model, p, (x,)).square().sum())(params)
+    model(x).square().sum().backward()
+    for name, p in model.named_parameters():
+        torch.testing.assert_close(grads[name], p.grad, msg=name)
+    rows = torch.func.vmap(lambda row: torch.func.functional_call(model, params, (row,)))(x)
+    torch.testing.assert_close(rows, model(x))
+    weight = model.fc.weight  # read outside the transform, used inside it
+    torch.testing.assert_close(torch.func.vmap(lambda row: F.linear(row, weight))(x), F.linear(x, weight))
+
+
+def test_weight_of_an_fsdp2_sharded_layer(one_process_group):
+    """Under FSDP2 the parameters are DTensors: .weight is the effective weight as a DTensor."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor
+
+    from lors_kernels.distributed import shard_lors_model
+
+    torch.manual_seed(0)
+    model = random_pairs(nn.Sequential(*lk.make_lors_stack(2, 8, 8, rank=2)))
+    expected = [layer.effective_weight().detach().clone() for layer in model]
+    shard_lors_model(model, mesh=init_device_mesh("cpu", (1,)))
+    for layer, weight in zip(model, expected):
+        assert isinstance(layer.weight, DTensor) and layer.weight.shape == (8, 8)
+        torch.testing.assert_close(layer.weight.full_tensor(), weight)
 
 
 # ------------------------------------------------------------------------------------- state dicts
@@ -114,26 +300,75 @@ def test_state_dict_holds_the_shared_weight_once_and_reloads():
     assert shared == ["blocks.0.shared.weight", "heads.0.shared.weight"]
     for stack in (model.blocks, model.heads):  # each shared tensor once (model.alias repeats heads.1's own)
         assert sum(v.data_ptr() == stack[0].shared.weight.data_ptr() for v in sd.values()) == 1
-    torch.manual_seed(1)
-    clone = Stacked()
-    assert clone.load_state_dict(sd) is not None
     x = torch.randn(4, 8)
-    torch.testing.assert_close(clone(x), model(x))
-    assert clone.blocks[2].shared is clone.blocks[0].shared
-    assert "shared.weight" in model.blocks[2].state_dict()  # a part on its own keeps its shared weight
-
     moved = dict(sd)  # the shared weight under a later layer's name: found all the same
     moved["blocks.2.shared.weight"] = moved.pop("blocks.0.shared.weight")
-    torch.manual_seed(2)
-    assert Stacked().load_state_dict(moved) is not None
+    old = dict(sd, **{f"blocks.{i}.shared.weight": sd["blocks.0.shared.weight"] for i in (1, 2)})
+    for seed, checkpoint in enumerate((sd, moved, old)):  # old: named once per layer, as before
+        torch.manual_seed(seed + 1)
+        clone = Stacked()
+        assert clone.load_state_dict(checkpoint, strict=False) == ([], []), seed  # nothing missing or unexpected
+        torch.testing.assert_close(clone(x), model(x))
+        assert clone.blocks[2].shared is clone.blocks[0].shared
+    assert "shared.weight" in model.blocks[2].state_dict()  # a part on its own keeps its shared weight
     del moved["blocks.2.shared.weight"]
     with pytest.raises(RuntimeError, match=r"Missing key.*blocks.0.shared.weight.*blocks.1.shared.weight"):
         Stacked().load_state_dict(moved)
-    old = dict(sd, **{f"blocks.{i}.shared.weight": sd["blocks.0.shared.weight"] for i in (1, 2)})
-    assert Stacked().load_state_dict(old) is not None  # checkpoints naming it once per layer still load
+
+
+def test_a_state_dict_taken_during_another_leaves_it_whole():
+    model = random_pairs(Stacked())
+    inner = {}
+    model.blocks[0].register_state_dict_post_hook(
+        lambda module, state_dict, prefix, metadata: inner.update(model.blocks[2].state_dict()))
+    sd = model.state_dict()
+    assert [k for k in sd if k.endswith("shared.weight")] == ["blocks.0.shared.weight", "heads.0.shared.weight"]
+    assert "shared.weight" in inner
+
+
+@pytest.fixture
+def one_process_group(tmp_path):
+    """A one-process gloo group, as FSDP needs one."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        pytest.skip("torch.distributed is not available")
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    yield
+    dist.destroy_process_group()
+
+
+@pytest.mark.filterwarnings("ignore::FutureWarning")  # FSDP1 is deprecated in favour of FSDP2
+@pytest.mark.filterwarnings("ignore:FSDP is switching to use `NO_SHARD`")  # one process
+@pytest.mark.filterwarnings("ignore:When using ``NO_SHARD`` for ``ShardingStrategy``")
+@pytest.mark.parametrize("use_orig_params", [True, False])
+def test_fsdp1_full_state_dict(one_process_group, use_orig_params):
+    """FSDP1 requires every parameter name in its state dict: there the shared weight appears under
+    each layer's name, as a tied weight does, and such a checkpoint loads anywhere."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+    from torch.distributed.fsdp import StateDictType
+
+    torch.manual_seed(0)
+    model = random_pairs(nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3)))
+    x = torch.randn(4, 8)
+    y = model(x)
+    wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+    with FSDP.state_dict_type(wrapped, StateDictType.FULL_STATE_DICT):
+        sd = wrapped.state_dict()
+    assert [k for k in sd if k.endswith("shared.weight")] == [f"{i}.shared.weight" for i in range(3)]
+    torch.manual_seed(1)
+    clone = FSDP(nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3)), device_id=torch.device("cpu"),
+                 use_orig_params=use_orig_params)
+    with FSDP.state_dict_type(clone, StateDictType.FULL_STATE_DICT):
+        clone.load_state_dict(sd)
+    torch.testing.assert_close(clone(x), y)
+    plain = nn.Sequential(*lk.make_lors_stack(3, 8, 8, rank=2), nn.Linear(8, 3))
+    plain.load_state_dict(sd)
+    torch.testing.assert_close(plain(x), y)
 
 
 def test_safetensors_save_model_and_structure_round_trip(tmp_path):
+    pytest.importorskip("safetensors")
     from safetensors.torch import load_model, save_model
 
     torch.manual_seed(0)
@@ -172,6 +407,7 @@ def test_safetensors_save_model_and_structure_round_trip(tmp_path):
 
 
 def tiny_bert(seed=0):
+    pytest.importorskip("transformers")
     from transformers import BertConfig, BertModel
 
     torch.manual_seed(seed)
@@ -184,6 +420,7 @@ TARGETS = ["encoder.layer.*.attention.self.query", "encoder.layer.*.intermediate
 
 
 def test_hugging_face_save_pretrained_and_back(tmp_path):
+    pytest.importorskip("transformers")
     from transformers import AutoModel, BertModel
 
     model = tiny_bert()
@@ -221,6 +458,7 @@ class Mlp(nn.Module):
 
 def peft_model(model, seed=1, **config):
     """PEFT's own LoRA model on ``model``, with random lora_B (PEFT starts it at zero)."""
+    pytest.importorskip("peft")
     from peft import LoraConfig, get_peft_model
 
     config = {"r": 4, "lora_alpha": 6, "target_modules": ["fc1", "fc2"], **config}
@@ -294,8 +532,9 @@ def test_merge_unmerge_to_linear():
 
 
 @pytest.mark.filterwarnings("ignore:Unsupported layer type")  # PEFT's word on every custom layer it wraps
-def test_get_peft_model_on_lors_layers():
-    from peft import LoraConfig, get_peft_model
+def test_get_peft_model_on_lors_layers(tmp_path):
+    pytest.importorskip("peft")
+    from peft import LoraConfig, PeftModel, get_peft_model
 
     dense = Mlp()
     lors = copy.deepcopy(dense)
@@ -308,10 +547,16 @@ def test_get_peft_model_on_lors_layers():
         get_peft_model(copy.deepcopy(lors), LoraConfig(r=4, target_modules=["fc1"]))
     config = dict(r=4, lora_alpha=6, target_modules=["fc1", "fc2"])
     peft_dense = peft_model(dense, **config).eval()
+    base = copy.deepcopy(lors)
     peft_lors = get_peft_model(lors, interop.register_peft(LoraConfig(**config))).eval()
     peft_lors.load_state_dict(peft_dense.state_dict(), strict=False)  # the same adapters
     x = torch.randn(5, 10)
     torch.testing.assert_close(peft_lors(x), peft_dense(x))
+    peft_lors.save_pretrained(tmp_path)  # a saved adapter loads with the registered config
+    with pytest.raises(ValueError, match="not supported"):
+        PeftModel.from_pretrained(copy.deepcopy(base), tmp_path)
+    config_saved = interop.register_peft(LoraConfig.from_pretrained(tmp_path))
+    torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path, config=config_saved).eval()(x), peft_dense(x))
     merged_dense, merged_lors = peft_dense.merge_and_unload(), peft_lors.merge_and_unload()
     assert isinstance(merged_lors.fc1, lk.LorsLinear)  # the adapter went into the layer's own shared weight
     torch.testing.assert_close(merged_lors(x), merged_dense(x), rtol=1e-5, atol=1e-5)
@@ -325,6 +570,7 @@ def test_get_peft_model_on_lors_layers():
 
 @pytest.mark.parametrize("variant", ["lora", "rslora+alpha_pattern"])
 def test_load_lora_state_dict_equals_peft(variant):
+    pytest.importorskip("peft")
     from peft import get_peft_model_state_dict
 
     extra = dict(use_rslora=True, alpha_pattern={"fc2": 3}) if variant != "lora" else {}
@@ -361,13 +607,16 @@ def test_count_parameters_is_an_int():
     total = 32 + 3 * (2 * 12 + 4)
     assert int(count) == count == count.total == total and isinstance(count, int)
     assert count + 1 == total + 1 and 2 * count == 2 * total and count / 2 == total / 2 and count > total - 1
-    assert f"{count:,}" == f"{total:,}" and f"{count:>6d}" == f"{total:>6d}"
-    assert "per layer" in str(count) and count.stacks[0].layers == 3 and count.other == 0
+    assert f"{count:,}" == f"{total:,}" and f"{count:>6d}" == f"{total:>6d}" and f"{count}" == f"{total}"
+    assert "{}".format(count) == str(total) and "%d" % count == str(total)
+    assert "per layer" in count.table() and count.table() == str(count)
+    assert count.stacks[0].layers == 3 and count.other == 0
     assert sum([count, count]) == 2 * total and json.dumps({"n": count}) == f'{{"n": {total}}}'
 
 
 def test_lorsify_reports_a_stack_larger_than_dense():
-    """kappa <= L / (L - 1) gives no saving: shared (one dense weight) + L pairs of 1/kappa each."""
+    """Shared (one dense weight) + L pairs of at most 1/kappa each: kappa > L / (L - 1) always saves, and
+    a stack that saves nothing has kappa <= L / (L - 1); not the converse, the rank being rounded down."""
     def stack(n):
         model = nn.Sequential(*(nn.Linear(12, 12, bias=False) for _ in range(n)))
         return model
@@ -378,7 +627,9 @@ def test_lorsify_reports_a_stack_larger_than_dense():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         report = lorsify(stack(4), "*", kappa=2)["*"]  # rank 3: 144 + 4 * 72 = 432 < 576
-    assert report.saves and "warning" not in str(report)
+        assert report.saves and "warning" not in str(report)
+        report = lorsify(stack(4), "*", kappa=1.3)["*"]  # 1.3 < 4/3, yet rank 4: 144 + 4 * 96 = 528 < 576
+        assert report.saves and report.params_after == 528
 
 
 # ------------------------------------------------------------------------------------------ distill
@@ -407,3 +658,36 @@ def test_distill_reduces_the_output_error():
 
     with pytest.raises(TypeError, match="no tensor in the model's output"):
         distill(student, Words(), calibration, steps=1, progress=False)
+
+
+def test_distill_matches_logits_not_the_loss():
+    """A batch with labels makes a Hugging Face model return its loss first: distill matches the logits."""
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                        intermediate_size=48, max_position_embeddings=32, num_labels=3)
+    teacher = BertForSequenceClassification(config).eval()
+    student = copy.deepcopy(teacher)
+    lorsify(student, "bert.encoder.layer.*.intermediate.dense", rank=1)
+    batch = {"input_ids": torch.randint(0, 64, (4, 12)), "labels": torch.tensor([0, 1, 2, 0])}
+    with torch.no_grad():
+        got, target = student(**batch), teacher(**batch)
+    assert list(got.keys())[0] == "loss"
+    expected = ((got.logits - target.logits).norm() / target.logits.norm()).item()
+
+    class AsTuple(nn.Module):  # return_dict=False: (loss, logits)
+        def __init__(self, model):
+            super().__init__()
+            self.model = model
+
+        def forward(self, **batch):
+            return self.model(**batch, return_dict=False)
+
+    for as_tuple in (False, True):
+        s, t = copy.deepcopy(student), teacher
+        if as_tuple:
+            s, t = AsTuple(s), AsTuple(t)
+        errors = distill(s, t, batch, steps=1, progress=False)
+        assert errors[0] == pytest.approx(expected, rel=1e-4), as_tuple

@@ -27,7 +27,8 @@ class HighResCrossAttention(nn.Module):
       (CrossAttentionLayerFASeg: ``norm(tgt + dropout(attn))``) stay outside, as they do around
       nn.MultiheadAttention. Load the layer's ``multihead_attn.state_dict()`` into this module.
     - ``low_scores`` is the attention map the first low-resolution layer of the block returned
-      (nn.MultiheadAttention's head-averaged weights, [B, N, n_low] whatever the layout).
+      (FASeg's ``cg_attn``, kept at layer i % 4 == 0; nn.MultiheadAttention's head-averaged weights,
+      [B, N, n_low] whatever the layout).
     - ``query_pos`` is FASeg's static query embedding (``query_embed_params``), not the dynamic
       positional queries of the other layers; ``pos`` is the high-resolution positional encoding.
     - FASeg is sequence-first ([N, B, C], memory [H*W, B, C]): pass ``batch_first=False``, or transpose.
@@ -97,8 +98,8 @@ class HighResCrossAttention(nn.Module):
     def forward(self, query: Tensor, memory: Tensor, pos: Tensor | None, query_pos: Tensor | None,
                 low_scores: Tensor, low_hw, high_hw) -> Tensor:
         """query [B, N, C], memory/pos [B, L_high, C], query_pos [B, N, C] ([N, B, C] and [L_high, B, C]
-        with batch_first=False), low_scores [B, N, n_low] (head-averaged attention of the last
-        low-resolution layer) -> [B, N, C] ([N, B, C])."""
+        with batch_first=False), low_scores [B, N, n_low] (head-averaged attention of the block's first
+        low-resolution layer, as FASeg keeps it) -> [B, N, C] ([N, B, C])."""
         if not self.batch_first:
             query, memory, pos, query_pos = (None if t is None else t.transpose(0, 1)
                                              for t in (query, memory, pos, query_pos))
