@@ -188,8 +188,10 @@ class Op:
         case, device = self.Case(*args), _device(args)
         forced = backend.forced_backend()
         if forced is None:
+            kind = device.type
             for impl in self.impls:  # the reference, last, takes every case
-                if impl.auto and impl.runs_on(device, False) and impl.fits(case) and impl.wins(case):
+                if (impl.auto and impl.device in (kind, None) and impl.runs_on(device, False) and impl.fits(case)
+                        and impl.wins(case)):
                     return impl
         chosen = [impl for impl in self.impls if impl.backend == forced]
         if not chosen:  # the op has no kernel of that backend at all: its reference runs
