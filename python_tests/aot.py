@@ -2,15 +2,22 @@
 
 A test module defines `aot_cases()`: calls of its family's launchers on meta tensors, over the
 shapes and dtypes whose configurations dispatch can pick. `compile_cases(test_module)` runs them in
-a fresh process (the interpreter, which the other tests use, replaces Triton's compiler front end),
+fresh processes (the interpreter, which the other tests use, replaces Triton's compiler front end),
 with the package's `launch` replaced so that what gets compiled is exactly what dispatch would
 start, and compiles each distinct launch for sm_80 and sm_90.
+
+Each launch's report is cached on disk under a key made of the Triton version, the kernel's source
+hash (its dependencies included), the launch's specialization and the architecture: a rerun compiles
+only launches whose source or configuration changed. `LORS_KERNELS_AOT_CACHE` moves the cache
+(default ~/.cache/lors_kernels/aot); deleting it forces a full compile.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import importlib
+import io
 import json
 import os
 import re
@@ -20,13 +27,16 @@ import tempfile
 
 import torch
 import triton
+from triton import knobs
 from triton._C.libtriton import native_specialize_impl
 from triton.backends.compiler import GPUTarget
-from triton.backends.nvidia.compiler import CUDABackend, get_ptxas
+from triton.backends.nvidia.compiler import CUDABackend
 from triton.runtime.jit import JITFunction
 
 # Largest dynamic shared memory per block: A100 (sm_80) 163 KB, H100/H200 (sm_90) 227 KB.
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
+# Bumped when a report's fields change, so that old cache entries are not read.
+CACHE_FORMAT = 1
 
 
 
@@ -89,19 +99,51 @@ def compile_launch(launch: Launch, capability: int):
                           options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
 
 
-def hopper_report(ptx: str) -> dict:
+def hopper_report(ptx: str, ptxas_log: str) -> dict:
     """What an sm_90 compile shows without a GPU: Hopper's tensor-core MMA (wgmma), bulk tensor copies
-    (TMA), and the registers spilled to local memory, from ptxas -v on the PTX."""
-    with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:
-        f.write(ptx)
-        f.flush()
-        out = subprocess.run([get_ptxas(90).path, "-v", "--gpu-name", "sm_90a", f.name, "-o", os.devnull],
-                             capture_output=True, text=True, check=True).stderr
-    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", out))
+    (TMA), and the registers spilled to local memory, as Triton's own ptxas run reported them."""
+    spills = sum(int(n) for n in re.findall(r"(\d+) bytes spill (?:stores|loads)", ptxas_log))
     return {"wgmma": "wgmma.mma_async" in ptx, "tma": "cp.async.bulk.tensor" in ptx, "spills": spills}
 
 
+def _report(launch: Launch, capability: int) -> dict:
+    """Shared memory, and on sm_90 hopper_report, of one compile. The spills come from the ptxas log of
+    the compile itself: ptxas flags differ between Triton versions, so a separate ptxas run could
+    disagree with what Triton builds."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):  # Triton prints the ptxas log with dump_ptxas_log
+        kernel = compile_launch(launch, capability)
+    entry = {"shared": kernel.metadata.shared}
+    if capability == 90:
+        if "bytes spill stores" not in log.getvalue():  # else no spill could ever be seen
+            raise RuntimeError(f"no ptxas log captured for {launch!r}: got {log.getvalue()[-500:]!r}")
+        entry.update(hopper_report(kernel.asm["ptx"], log.getvalue()))
+    return entry
+
+
+def _cache_path(launch: Launch, capability: int) -> str:
+    root = os.environ.get("LORS_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                                      "lors_kernels", "aot")
+    key = json.dumps([CACHE_FORMAT, triton.__version__, launch.fn.cache_key, repr(launch.key()), capability])
+    return os.path.join(root, hashlib.sha256(key.encode()).hexdigest() + ".json")
+
+
+def _cached_report(launch: Launch, capability: int) -> dict:
+    path = _cache_path(launch, capability)
+    with contextlib.suppress(OSError, ValueError):
+        with open(path) as f:
+            return json.load(f)
+    entry = _report(launch, capability)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.NamedTemporaryFile("w", dir=os.path.dirname(path), delete=False) as f:
+        json.dump(entry, f)
+    os.replace(f.name, path)  # atomic: workers of concurrent runs may write the same entry
+    return entry
+
+
 def _compile_share(test_module: str, worker: int, workers: int) -> list:
+    knobs.nvidia.dump_ptxas_log = True
+    knobs.compilation.always_compile = True  # Triton's cache would skip ptxas, and with it the log
     cases = importlib.import_module(test_module)
     with record_launches(importlib.import_module("lors_kernels.triton_utils")) as seen:
         cases.aot_cases()
@@ -110,10 +152,7 @@ def _compile_share(test_module: str, worker: int, workers: int) -> list:
         for capability in SHARED_LIMIT:
             entry = {"launch": repr(launch), "capability": capability}
             try:
-                kernel = compile_launch(launch, capability)
-                entry["shared"] = kernel.metadata.shared
-                if capability == 90:
-                    entry.update(hopper_report(kernel.asm["ptx"]))
+                entry.update(_cached_report(launch, capability))
             except Exception as err:  # reported to the test, which fails on it
                 entry["error"] = f"{type(err).__name__}: {err}"[:2000]
             report.append(entry)
