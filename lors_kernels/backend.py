@@ -4,8 +4,8 @@ Three backends, one name each:
 
 - ``triton``: the fused Triton kernels. Runs on CUDA tensors, and on CPU tensors only under the
   Triton interpreter (``TRITON_INTERPRET=1`` set before the kernels are imported; the tests do this).
-- ``native``: the C++/CUDA extension ``lors_kernels._C`` built from ``csrc/`` (``cuda`` is accepted as
-  another name for it).
+- ``native``: the C++/CUDA extension ``lors_kernels._C`` built from ``csrc/``; ``cuda`` forces only its
+  CUDA kernels (a call on CPU tensors then fails instead of running the C++ CPU kernel).
 - ``reference``: pure PyTorch, the test oracle and the fallback for everything.
 
 Each op lists its implementations in order (lors_kernels.registry): the automatic choice is the first
@@ -23,12 +23,11 @@ import warnings
 
 import torch
 
-BACKENDS = ("triton", "native", "reference")
+BACKENDS = ("triton", "native", "cuda", "reference")
 # What the kernels take: the Triton kernels compute in fp32, fp16 and bf16; the C++ CPU kernels in fp32 and
 # bf16 (float64 runs on the reference everywhere).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16)
-_ALIASES = {"cuda": "native"}
 _override: str | None = None
 _native = None
 _native_error: str | None = None
@@ -38,11 +37,9 @@ _native_loaded = False
 def _canonical(name: str | None) -> str | None:
     if name is None or name == "" or name == "auto":
         return None
-    name = _ALIASES.get(name.lower(), name.lower())
+    name = name.lower()
     if name not in BACKENDS:
-        raise ValueError(
-            f"unknown lors_kernels backend {name!r}: expected one of {BACKENDS + tuple(_ALIASES)} or 'auto'"
-        )
+        raise ValueError(f"unknown lors_kernels backend {name!r}: expected one of {BACKENDS} or 'auto'")
     return name
 
 
@@ -141,12 +138,29 @@ def env_report() -> str:
     if ext is not None:
         usable.append("native[cpu]")
         if cuda and "cuda" in ext.built_backends():
-            usable.append("native[cuda]")
+            usable.append("cuda (native[cuda])")
     if triton_available() and cuda:
         usable.append("triton[cuda]")
     if triton_available() and triton_interpreted():
         usable.append("triton[cpu, interpreter]")
     lines.append(f"usable      {', '.join(usable)}")
-    lines.append(f"override    {forced_backend() or 'auto'} "
+    forced = forced_backend()
+    lines.append(f"override    {forced or 'auto'} "
                  "(LORS_KERNELS_BACKEND=triton|native|cuda|reference, lors_kernels.set_backend)")
+    blocked = _why_not_usable(forced, usable)
+    if blocked:
+        lines.append(f"warning     backend '{forced}' is forced but cannot run here: {blocked}; "
+                     "calls that have a kernel of it fail until the override is removed")
     return "\n".join(lines)
+
+
+def _why_not_usable(forced: str | None, usable: list) -> str | None:
+    """Why a forced backend has nothing usable on this machine (None when it has, or none is forced)."""
+    if forced in (None, "reference") or any(u.startswith(forced) for u in usable):
+        return None
+    if forced == "triton":
+        return ("triton is not installed" if not triton_available() else
+                "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU tensors")
+    if native() is None:
+        return f"the native extension is not built ({_native_error})"
+    return "the native extension was built without CUDA, or there is no CUDA device"

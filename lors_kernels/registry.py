@@ -10,6 +10,9 @@ implementations (:class:`Impl`). From these ``define_op`` builds
   skip torch.library's Python dispatch (~30 us a call, more than a whole small kernel),
 - the public entry (:class:`Op` ``__call__``): check, choose the route once, run it.
 
+The public function (:func:`public`) turns the user's arguments into the op's and calls the op; its
+``route`` takes the same arguments and tells which implementation that call takes.
+
 The route is the first implementation of the table that runs on the inputs' device, fits the case
 and wins it (or, with a backend forced, the first of that backend that fits). An eager call chooses
 it once and keeps it on ctx for the backward. A compiled graph chooses when its forward op runs and
@@ -20,6 +23,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+import functools
 import math
 from typing import Callable, Optional
 
@@ -64,6 +68,10 @@ class Impl:
     eager: Optional[Callable] = None  # a PyTorch forward recorded by autograd itself (eager calls only)
     layout: Optional[str] = None  # "dense": contiguous inputs; "rows": unit-stride last dims
     takes: str = ""  # what it takes, for the error when it is forced and does not fit
+
+    def of(self, forced: str) -> bool:
+        """Whether forcing the backend `forced` selects this implementation ("cuda": native CUDA kernels)."""
+        return self.backend == forced or (forced == "cuda" and self.backend == "native" and self.device == "cuda")
 
     def runs_on(self, device: torch.device, forced: bool) -> bool:
         if self.backend == "reference":
@@ -152,7 +160,7 @@ def _run(impl: Impl, fn: Callable, args, device: torch.device):
 
 
 class Op:
-    """A defined op: call it as the public function; ``route(*args)`` tells which implementation runs."""
+    """A defined op, called with the schema's arguments; ``route(*args)`` tells which implementation runs."""
 
     def __init__(self, name, schema, *, check, fake, impls, returns, grads, save, validate):
         self.name = name
@@ -193,7 +201,9 @@ class Op:
                 if (impl.auto and impl.device in (kind, None) and impl.runs_on(device, False) and impl.fits(case)
                         and impl.wins(case)):
                     return impl
-        chosen = [impl for impl in self.impls if impl.backend == forced]
+        chosen = [impl for impl in self.impls if impl.of(forced)]
+        if forced == "cuda" and device.type != "cuda":
+            raise RuntimeError(self._refusal(forced, chosen, device))
         if not chosen:  # the op has no kernel of that backend at all: its reference runs
             forced, chosen = "reference", [impl for impl in self.impls if impl.backend == "reference"]
         for impl in chosen:
@@ -206,7 +216,10 @@ class Op:
             return (f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: "
                     + ("triton is not installed" if not backend.triton_available() else
                        "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors"))
-        if forced == "native" and backend.native() is None:
+        if forced == "cuda" and device.type != "cuda":
+            return (f"lors_kernels backend 'cuda' runs the native CUDA kernels, on CUDA tensors; this call of "
+                    f"{self.name} is on {device.type} (backend 'native' runs the C++ CPU kernels)")
+        if forced in ("native", "cuda") and backend.native() is None:
             why = f"extension not built: {backend.native_error()}"
         else:
             why = "; ".join(f"{impl.device}: {impl.takes or 'other cases'}" for impl in chosen)
@@ -340,3 +353,30 @@ def define_op(name: str, schema: str, *, check: Callable, fake: Callable, impls,
     """
     return Op(name, schema, check=check, fake=fake, impls=impls, returns=returns, grads=tuple(grads),
               save=tuple(save), validate=validate)
+
+
+def public(op: Op, finish: Optional[Callable] = None):
+    """Decorator making the public function of ``op`` from ``arguments``, a function with the public
+    signature and docstring that returns the op's arguments (its schema's, in order).
+
+    The public function calls the op on them and returns its outputs, or ``finish(outputs, *args,
+    **kwargs)`` given the public arguments. Its ``route(*args, **kwargs)`` takes the public arguments
+    too: the implementation that call takes (its inputs checked as the call checks them), without
+    running it.
+    """
+
+    def make(arguments: Callable) -> Callable:
+        @functools.wraps(arguments)
+        def function(*args, **kwargs):
+            outputs = op(*arguments(*args, **kwargs))
+            return outputs if finish is None else finish(outputs, *args, **kwargs)
+
+        def route(*args, **kwargs) -> Impl:
+            op_args = arguments(*args, **kwargs)
+            op.check(*op_args)
+            return op.route(*op_args)
+
+        function.route = route
+        return function
+
+    return make

@@ -176,7 +176,7 @@ BAD = {
     "E_rows": (lambda x, m, s, cp: (x, m, s, (cp[0][:, :-1], cp[1], cp[2])), ValueError, "channel_private"),
     "Q_batch": (lambda x, m, s, cp: (x, m, s, (cp[0], cp[1][:-1], cp[2])), ValueError, "channel_private"),
     "not_tuple": (lambda x, m, s, cp: (x, m, s, cp[0]), TypeError, "tuple of tensors"),
-    "dtype_mix": (lambda x, m, s, cp: (x.double(), m, s, cp), TypeError, "one floating dtype"),
+    "dtype_mix": (lambda x, m, s, cp: (x.double(), m, s, cp), TypeError, r"one floating dtype.*M\.to\(x\.dtype\)"),
 }
 
 

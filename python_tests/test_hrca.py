@@ -213,7 +213,7 @@ BAD_ATTENTION = {
     "index_batch": (lambda q, k, v, i: (q, k, v, i[:1]), ValueError, "index .* must be"),
     "kv_dims": (lambda q, k, v, i: (q, k[..., :-1], v, i), ValueError, "k .* and v .* must"),
     "q_3d": (lambda q, k, v, i: (q[0], k, v, i), ValueError, "q must be 4-D"),
-    "dtypes": (lambda q, k, v, i: (q.double(), k, v, i), TypeError, "one floating dtype"),
+    "dtypes": (lambda q, k, v, i: (q.double(), k, v, i), TypeError, r"one floating dtype.*k\.to\(q\.dtype\)"),
 }
 
 

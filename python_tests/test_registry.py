@@ -10,7 +10,7 @@ from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, op_calls
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lors_kernels import registry, triton_utils
-from lors_kernels.registry import Impl, define_op
+from lors_kernels.registry import Impl, define_op, public
 
 # ------------------------------------------------------------------ the toy family: y = scale * relu(x)
 
@@ -53,8 +53,9 @@ scaled_relu_op = define_op(
 )
 
 
+@public(scaled_relu_op)
 def scaled_relu(x, *, scale=1.0):
-    return scaled_relu_op(x, float(scale))
+    return x, float(scale)
 
 
 # ------------------------------------------------------------------------------------ the toy's tests
@@ -102,6 +103,17 @@ def test_toy_routes(use_backend):
     assert scaled_relu_op.route(x, 1.0).backend == "reference"
     with pytest.raises(TypeError, match="x must be a floating tensor"):
         scaled_relu(torch.arange(3))
+
+
+def test_toy_public_route_takes_the_public_arguments(use_backend):
+    x = torch.randn(3)
+    assert scaled_relu.route(x).backend == "reference"
+    use_backend("triton")
+    assert scaled_relu.route(x, scale=2.0) is scaled_relu_op.route(x, 2.0)
+    with pytest.raises(TypeError, match="x must be a floating tensor"):  # checked as a call is
+        scaled_relu.route(torch.arange(3))
+    with pytest.raises(TypeError):  # scale is keyword-only, as in the call
+        scaled_relu.route(x, 2.0)
 
 
 def test_layout_guard_makes_inputs_dense_for_the_kernels_that_ask():
@@ -185,6 +197,61 @@ def test_an_eager_training_step_chooses_its_route_once(name, monkeypatch):
     if out.requires_grad:
         out.float().sum().backward()
     assert len(chosen) == 1, chosen
+
+
+def public_calls():
+    """(public function, args, kwargs) of every op, keywords and defaults included."""
+    import lors_kernels as lk
+
+    g = torch.Generator().manual_seed(0)
+    x, weight, down, up, bias = (torch.randn(*shape, generator=g) for shape in ((4, 64), (32, 64), (8, 64), (32, 8),
+                                                                                (32,)))
+    scores = torch.rand(2, 5, 4 * 8, generator=g)
+    q, k, v = torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16)
+    per_query = torch.randint(-1, 64, (2, 5, 24), generator=g)
+    mixing = torch.randn(6, 2, 8, 16), torch.randn(6, 2, 16, 16), torch.randn(6, 2, 12, 8)
+    channel = torch.randn(4, 16, 4), torch.randn(6, 4, 4, 4), torch.randn(4, 4, 16)
+    layout = dict(groups=2, in_channels=4, out_channels=4, in_points=3, out_points=5)
+    return {
+        "lors_linear": (lk.lors_linear, (x, weight, down, up), {}),
+        "lors_linear_keywords": (lk.lors_linear, (x, weight, down), dict(up=up, bias=bias, scaling=0.5)),
+        "adaptive_mixing": (lk.adaptive_mixing, mixing, dict(channel_private=channel, eps=1e-6)),
+        "generate_mixing_weights": (lk.generate_mixing_weights, (torch.randn(3, 16), torch.randn(62, 16)), layout),
+        "select_windows": (lk.select_windows, (scores, (4, 8), (16, 32), 3), {}),
+        "select_topk_pixels": (lk.select_topk_pixels, (scores, (4, 8), (16, 32)), dict(k=40, per_query=True)),
+        "sparse_cross_attention": (lk.sparse_cross_attention, (q, k, v, per_query), dict(scale=0.5)),
+    }
+
+
+@pytest.mark.parametrize("backend_name", ["auto", "reference"])
+@pytest.mark.parametrize("name", list(public_calls()))
+def test_public_route_is_the_route_of_the_same_call(name, backend_name, use_backend, monkeypatch):
+    """fn.route takes the public function's own arguments (keywords, defaults) and tells what fn runs."""
+    use_backend(None if backend_name == "auto" else backend_name)
+    fn, args, kwargs = public_calls()[name]
+    chosen = []
+    original = registry.Op.route
+    monkeypatch.setattr(registry.Op, "route", lambda self, *a: chosen.append(original(self, *a)) or chosen[-1])
+    told = fn.route(*args, **kwargs)
+    fn(*args, **kwargs)
+    assert len(chosen) == 2 and told is chosen[1], chosen
+    if backend_name == "reference":
+        assert told.backend == "reference"
+
+
+def test_lors_linear_route_follows_its_arguments(use_backend):
+    import lors_kernels as lk
+
+    x, weight, down, up = torch.randn(4, 64), torch.randn(32, 64), torch.randn(8, 64), torch.randn(32, 8)
+    small = "native" if registry.backend.native() is not None else "reference"
+    assert lk.lors_linear.route(x, weight, down, up).backend == small
+    assert lk.lors_linear.route(x, weight, down, up, bias=torch.randn(32), scaling=0.5).backend == small
+    assert lk.lors_linear.route(x.double(), weight.double(), down.double(), up.double()).backend == "reference"
+    assert lk.lors_linear.route(x.expand(64, 4, 64), weight, down, up, None).backend == "reference"  # 256 rows
+    use_backend("reference")
+    assert lk.lors_linear.route(x, weight, down, up).backend == "reference"
+    with pytest.raises(ValueError, match="down"):  # checked as the call checks it
+        lk.lors_linear.route(x, weight, down.t(), up)
 
 
 def test_define_op_wants_the_reference_last():

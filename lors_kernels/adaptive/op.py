@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, define_op, shape_str
+from ..registry import Impl, define_op, public, shape_str
 from . import reference
 
 EPS = 1e-5
@@ -84,7 +84,8 @@ def check_inputs(x, m, s, em, qm, fm, es, qs, fs, eps=EPS) -> None:
             tensors.update({f"{label}.{n}": t for n, t in zip(Private._fields, private)})
     if any(t.dtype != x.dtype for t in tensors.values()) or x.dtype not in (*backend.TRITON_DTYPES, torch.float64):
         raise TypeError("adaptive_mixing: all tensors must share one floating dtype, got "
-                        + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items()))
+                        + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items())
+                        + "; convert them first, e.g. M.to(x.dtype)")
     if any(t.device != x.device for t in tensors.values()):
         raise ValueError("adaptive_mixing: all tensors must be on one device, got "
                          + ", ".join(f"{n}={t.device}" for n, t in tensors.items()))
@@ -173,8 +174,14 @@ adaptive_mixing_op = define_op(
 )
 
 
+def _with_leading_dims(out: Tensor, x: Tensor, *args, **kwargs) -> Tensor:
+    """The op's output [BN, ...] with x's leading dims ([B, N] for a 5-D x)."""
+    return out.reshape(*x.shape[:-3], *out.shape[1:])
+
+
+@public(adaptive_mixing_op, finish=_with_leading_dims)
 def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, spatial_private=None,
-                    eps: float = EPS) -> Tensor:
+                    eps: float = EPS):
     """AdaMixer's adaptive mixing with LORS^A private parts, fused.
 
     x [BN, G, P_in, C_in] or [B, N, G, P_in, C_in]; M [BN, G, C_in, C_out]; S [BN, G, P_out, P_in];
@@ -182,13 +189,11 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
     (E [G*K, P_out, r], Q [BN, G*K, r, r], F [G*K, r, P_in]) add sum_k E_k Q_k F_k to M and S.
     Returns relu(LN(S_eff @ relu(LN(x @ M_eff)))) with x's leading dims: [..., G, P_out, C_out].
     """
-    lead = x.shape[:-3]
     if x.dim() == 5:
         x = x.reshape(-1, *x.shape[2:])
     channel = as_private(channel_private, "channel_private") or (None,) * 3
     spatial = as_private(spatial_private, "spatial_private") or (None,) * 3
-    out = adaptive_mixing_op(x, M, S, *channel, *spatial, float(eps))
-    return out.reshape(*lead, *out.shape[1:])
+    return x, M, S, *channel, *spatial, float(eps)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -246,6 +251,13 @@ generate_op = define_op(
 )
 
 
+def _split(outputs, query, gen_weight, gen_bias=None, core_weight=None, core_bias=None, **layout):
+    """The generated rows in the official layout (reference.split_generated); layout: groups, ..., rank."""
+    mixing, cores = outputs
+    return reference.split_generated(mixing, None if core_weight is None else cores, **layout)
+
+
+@public(generate_op, finish=_split)
 def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optional[Tensor] = None,
                             core_weight: Optional[Tensor] = None, core_bias: Optional[Tensor] = None, *,
                             groups: int, in_channels: int, out_channels: int, in_points: int, out_points: int,
@@ -264,7 +276,4 @@ def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optiona
     if core_weight is not None and (rank <= 0 or core_weight.shape[0] % (2 * groups * rank * rank)):
         raise ValueError(f"generate_mixing_weights: core_weight {shape_str(core_weight)} must have 2*G*K*r*r rows "
                          f"(G = {groups}, r = {rank})")
-    mixing, cores = generate_op(q, gen_weight, gen_bias, core_weight, core_bias)
-    return reference.split_generated(mixing, None if core_weight is None else cores, groups=groups,
-                                     in_channels=in_channels, out_channels=out_channels, in_points=in_points,
-                                     out_points=out_points, rank=rank)
+    return q, gen_weight, gen_bias, core_weight, core_bias

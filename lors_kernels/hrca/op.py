@@ -7,7 +7,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, define_op, shape_str
+from ..registry import Impl, define_op, public, shape_str
 from . import reference
 
 MAX_HEAD_DIM = 256  # the kernels hold a [BLOCK, D] tile of each operand; wider heads take the reference
@@ -62,12 +62,13 @@ select_windows_op = define_op(
 )
 
 
-def select_windows(scores: Tensor, low_hw, high_hw, k: int) -> Tensor:
+@public(select_windows_op)
+def select_windows(scores: Tensor, low_hw, high_hw, k: int):
     """FASeg's window selection: scores [B, N, n_low] summed over queries, the k best low-resolution
     cells, each expanded to its ws x ws window of the high-resolution map -> int64 [B, k * ws * ws]
     (cells row-major, pixels row-major inside a window). Ties go to the lower cell index."""
     low_hw, high_hw = _maps(low_hw, high_hw)
-    return select_windows_op(scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw, int(k))
+    return scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw, int(k)
 
 
 def _check_pixels(scores, lh, lw, hh, hw, k, per_query):
@@ -108,14 +109,14 @@ select_topk_pixels_op = define_op(
 )
 
 
-def select_topk_pixels(scores: Tensor, low_hw, high_hw, k: int, *, per_query: bool = False) -> Tensor:
+@public(select_topk_pixels_op)
+def select_topk_pixels(scores: Tensor, low_hw, high_hw, k: int, *, per_query: bool = False):
     """The k best pixels of the bilinearly upsampled scores (F.interpolate, align_corners=False), shared
     per image (scores summed over queries, -> int64 [B, k]) or per query (-> [B, N, k]); sorted
     ascending, ties to the lower index. The upsampled map is never materialized: on CUDA one Triton
     program per map keeps a running top-k (k <= 4096), elsewhere rows are merged a chunk at a time."""
     low_hw, high_hw = _maps(low_hw, high_hw)
-    return select_topk_pixels_op(scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw,
-                                 int(k), bool(per_query))
+    return scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw, int(k), bool(per_query)
 
 
 # ------------------------------------------------------------------------------------------- attention
@@ -140,7 +141,7 @@ def check_inputs(q, k, v, index, scale=None) -> None:
                          f"[B, N, S] = [{b}, {n}, S] (per query)")
     if not q.dtype.is_floating_point or k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"sparse_cross_attention: q, k, v must share one floating dtype, got "
-                        f"{q.dtype}, {k.dtype}, {v.dtype}")
+                        f"{q.dtype}, {k.dtype}, {v.dtype}; convert k and v first, e.g. k.to(q.dtype)")
     if k.device != q.device or v.device != q.device or index.device != q.device:
         raise ValueError(f"sparse_cross_attention: all tensors must be on one device, got q={q.device}, "
                          f"k={k.device}, v={v.device}, index={index.device}")
@@ -205,7 +206,8 @@ sparse_cross_attention_op = define_op(
 )
 
 
-def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, scale: float | None = None) -> Tensor:
+@public(sparse_cross_attention_op)
+def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, scale: float | None = None):
     """softmax(q k_S^T * scale) v_S per (batch, head, query) over the key rows S listed in `index`.
 
     q [B, H, N, D], k/v [B, H, L, D]; index [B, S] (one set shared by every query of an image) or
@@ -213,4 +215,4 @@ def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, sc
     occurrence; a row with no valid entry returns zeros. scale defaults to D ** -0.5. On CUDA the
     kernels read K/V rows by index (no gathered copies) and keep only each row's log-sum-exp."""
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    return sparse_cross_attention_op(q, k, v, index, scale)
+    return q, k, v, index, scale

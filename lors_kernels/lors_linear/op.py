@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, Measured, as_rows, define_op, shape_str
+from ..registry import Impl, Measured, as_rows, define_op, public, shape_str
 from . import reference
 
 FLOAT_DTYPES = (*backend.TRITON_DTYPES, torch.float64)
@@ -72,7 +72,8 @@ def _explain_bad_inputs(x, weight, down, up, bias) -> None:
     dtypes = {name: t.dtype for name, t in named.items()}
     if len(set(dtypes.values())) > 1:
         raise TypeError("lors_linear: all tensors must share one dtype, got "
-                        + ", ".join(f"{n}={d}" for n, d in dtypes.items()))
+                        + ", ".join(f"{n}={d}" for n, d in dtypes.items())
+                        + f"; convert them first, e.g. weight.to(x.dtype) for x in {x.dtype}")
     devices = {name: t.device for name, t in named.items()}
     raise ValueError("lors_linear: all tensors must be on one device, got "
                      + ", ".join(f"{n}={d}" for n, d in devices.items()))
@@ -155,12 +156,14 @@ lors_linear_op = define_op(
 )
 
 
+@public(lors_linear_op)
 def lors_linear(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Optional[Tensor] = None, *,
-                scaling: float = 1.0) -> Tensor:
+                scaling: float = 1.0):
     """Static LORS linear: ``x @ weight.T + scaling * (x @ down.T) @ up.T + bias``.
 
     x [..., in], weight [out, in] (the shared weight), down [R, in], up [out, R], bias [out] or None.
     R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
     Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
+    ``lors_linear.route(...)`` (same arguments) tells which implementation the call takes.
     """
-    return lors_linear_op(x, weight, down, up, bias, float(scaling))
+    return x, weight, down, up, bias, float(scaling)
