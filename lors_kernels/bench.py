@@ -11,16 +11,18 @@ from __future__ import annotations
 import dataclasses
 import importlib
 import json
+import math
 import os
 import platform
 import statistics
 import sys
+import textwrap
 import time
-from typing import Callable
+from typing import Callable, Iterable
 
 import torch
 
-from .report import OURS, format_table
+from .report import OURS, assess, format_table, noisy_line
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -114,41 +116,96 @@ def forward_backward(providers: dict, inputs, grad_out, inputs_of=None) -> dict:
 
 # ------------------------------------------------------------------------------------------------ timing
 
-
-def _sync(device: str) -> None:
-    if device == "cuda":
-        torch.cuda.synchronize()
+# clock(fn, number) -> milliseconds per call of `number` back-to-back calls of fn.
+Clock = Callable[[Callable[[], object], int], float]
 
 
-def time_provider(fn: Callable, device: str, budget_s: float = 0.3) -> dict:
-    """Median and spread (interquartile range) of one call, in milliseconds, after warm-up.
-
-    CUDA: events around each call, median of >= 20. CPU: wall clock, >= 5 calls or `budget_s`.
-    """
-    fn()  # warm-up: compilation, autotuning, allocator
-    _sync(device)
-    if device == "cuda":
-        start = time.perf_counter()
+def wall_clock(fn: Callable[[], object], number: int) -> float:
+    start = time.perf_counter()
+    for _ in range(number):
         fn()
-        torch.cuda.synchronize()
-        once = time.perf_counter() - start
-        reps = max(20, min(1000, int(budget_s / max(once, 1e-6))))
-        events = [(torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)) for _ in range(reps)]
-        for begin, end in events:
-            begin.record()
-            fn()
-            end.record()
-        torch.cuda.synchronize()
-        times = [begin.elapsed_time(end) for begin, end in events]
-    else:
-        times = []
-        deadline = time.perf_counter() + budget_s
-        while len(times) < 5 or (time.perf_counter() < deadline and len(times) < 1000):
-            start = time.perf_counter()
-            fn()
-            times.append((time.perf_counter() - start) * 1e3)
-    q = statistics.quantiles(times, n=4) if len(times) > 1 else [times[0]] * 3
-    return {"median_ms": statistics.median(times), "q1_ms": q[0], "q3_ms": q[2], "n": len(times)}
+    return (time.perf_counter() - start) * 1e3 / number
+
+
+def cuda_clock(fn: Callable[[], object], number: int) -> float:
+    """CUDA events around the calls: the GPU's time, not the host's."""
+    begin, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    begin.record()
+    for _ in range(number):
+        fn()
+    end.record()
+    end.synchronize()
+    return begin.elapsed_time(end) / number
+
+
+def clock_for(device: str) -> Clock:
+    return cuda_clock if device == "cuda" else wall_clock
+
+
+@dataclasses.dataclass(frozen=True)
+class Sampling:
+    """How long a case is timed. A round times one block of calls (about `block_s` long) of each provider
+    in turn, so that a burst of load from elsewhere hits ours and the peers alike. Rounds go on until the
+    round-by-round ratio of ours to every peer has an interquartile range of at most `rel_iqr` times its
+    median, or until `budget_s` is spent; `min_rounds` always run."""
+
+    budget_s: float
+    block_s: float
+    rel_iqr: float = 0.1
+    min_rounds: int = 10
+    max_rounds: int = 5000
+
+
+QUICK = Sampling(budget_s=2.0, block_s=1e-3)
+FULL = Sampling(budget_s=6.0, block_s=2e-3)
+
+
+def _quartiles(samples: list) -> tuple:
+    if len(samples) < 2:
+        return samples[0], samples[0], samples[0]
+    q1, median, q3 = statistics.quantiles(samples, n=4)
+    return q1, median, q3
+
+
+def _rel_iqr(samples: list) -> float:
+    q1, median, q3 = _quartiles(samples)
+    return (q3 - q1) / median if median > 0 else float("inf")
+
+
+def _ratios(ours: list, peer: list) -> list:
+    return [a / b for a, b in zip(ours, peer)]
+
+
+def measure(providers: dict, clock: Clock, sampling: Sampling) -> dict:
+    """Times `providers` (ours first) in interleaved rounds (see `Sampling`). Returns {"times": {provider:
+    median, quartiles and relative IQR of its time per call in ms, rounds, calls per block}, "paired":
+    {peer: median and quartiles of the per-round ratio time(ours) / time(peer)}}."""
+    names = list(providers)
+    number = {}
+    for name, fn in providers.items():
+        fn()  # warm-up: compilation, autotuning, allocator
+        once = min(clock(fn, 1) for _ in range(3))
+        number[name] = max(1, min(100_000, round(sampling.block_s * 1e3 / max(once, 1e-6))))
+    samples = {name: [] for name in names}
+    ours, peers = samples[names[0]], names[1:]
+    start = time.perf_counter()
+    for done in range(1, sampling.max_rounds + 1):
+        first = done % len(names)  # rotated, so that no provider always runs right after the same one
+        for name in names[first:] + names[:first]:
+            samples[name].append(clock(providers[name], number[name]))
+        if done >= sampling.min_rounds and (
+                time.perf_counter() - start > sampling.budget_s
+                or all(_rel_iqr(_ratios(ours, samples[p])) <= sampling.rel_iqr for p in peers)):
+            break
+    times, paired = {}, {}
+    for name in names:
+        q1, median, q3 = _quartiles(samples[name])
+        times[name] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "rel_iqr": _rel_iqr(samples[name]),
+                       "n": len(samples[name]), "calls": number[name]}
+    for peer in peers:
+        q1, median, q3 = _quartiles(_ratios(ours, samples[peer]))
+        paired[peer] = {"median": median, "q1": q1, "q3": q3}
+    return {"times": times, "paired": paired}
 
 
 def peak_memory(fn: Callable, device: str):
@@ -178,27 +235,27 @@ def machine_info(device: str, dtype: str) -> dict:
     return info
 
 
-def run(names, device: str, dtype: str, quick: bool, progress=True) -> dict:
+def run(names, device: str, dtype: str, quick: bool, progress: bool = True) -> dict:
     """Time every provider of every case of the named families; returns the JSON-ready results."""
     records = families()
     cases = [case for name in names for case in records[name].cases(device, DTYPES[dtype], quick)]
-    budget = 0.1 if quick else 0.3
+    sampling = QUICK if quick else FULL
+    clock = clock_for(device)
     results = []
-    bar = _progress(sum(len(c.providers) for c in cases), progress)
+    bar = _progress(len(cases), progress)
+    start = time.perf_counter()
     for case in cases:
+        bar.set_description(f"{case.family} {case.mode} {case.label}"[:60])
         row = {"family": case.family, "mode": case.mode, "shape": case.shape, "label": case.label,
-               "times": {}, "peak_bytes": {}, "targets": case.targets}
-        for name, fn in case.providers.items():
-            bar.set_description(f"{case.family} {case.mode} {case.label} {name}"[:60])
-            row["times"][name] = time_provider(fn, device, budget)
-            row["peak_bytes"][name] = peak_memory(fn, device)
-            bar.update(1)
-        ours = row["times"][OURS]["median_ms"]
-        row["ratios"] = {peer: ours / t["median_ms"] for peer, t in row["times"].items() if peer != OURS}
-        row["meets"] = {peer: row["ratios"][peer] <= limit for peer, limit in case.targets.items()}
+               **measure(case.providers, clock, sampling),
+               "peak_bytes": {name: peak_memory(fn, device) for name, fn in case.providers.items()},
+               "targets": case.targets}
+        row.update(assess(row))
         results.append(row)
+        bar.update(1)
     bar.close()
-    return {"machine": machine_info(device, dtype), "quick": quick, "results": results}
+    return {"machine": machine_info(device, dtype), "quick": quick, "sampling": dataclasses.asdict(sampling),
+            "seconds": round(time.perf_counter() - start, 1), "results": results}
 
 
 def _progress(total: int, enabled: bool):
@@ -207,32 +264,122 @@ def _progress(total: int, enabled: bool):
     return tqdm(total=total, disable=not enabled, leave=False, dynamic_ncols=True)
 
 
-def plot(report: dict, path: str) -> None:
-    """Speed-up of ours over each peer, case by case, one panel per family."""
+# ------------------------------------------------------------------------------------------------ plot
+
+VERDICT_COLORS = {"PASS": "tab:green", "FAIL": "tab:red", "noisy": "darkorange"}
+
+
+def plot_paths(path: str, names: Iterable[str]) -> dict[str, str]:
+    """{family: PNG path}: one figure per family, `path` with -<family> before its extension."""
+    root, ext = os.path.splitext(path)
+    return {name: f"{root}-{name}{ext or '.png'}" for name in names}
+
+
+def _short_labels(rows: list) -> tuple:
+    """Each row's label from the shape keys that vary across `rows`, and the fixed ones as one line."""
+    keys = list(rows[0]["shape"])
+    varying = [k for k in keys if len({str(r["shape"][k]) for r in rows}) > 1] or keys
+    fixed = " ".join(f"{k}={rows[0]['shape'][k]}" for k in keys if k not in varying)
+
+    def wrap(text):
+        return textwrap.fill(text, 24, break_long_words=False, break_on_hyphens=False)
+
+    return [wrap(" ".join(f"{k}={r['shape'][k]}" for k in varying)) for r in rows], fixed
+
+
+def _log_ticks(lo: float, hi: float) -> list:
+    """Round ticks between lo and hi, as many as fit without their labels overlapping (at most 8)."""
+    decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
+    for subs in ((1, 1.5, 2, 3, 4, 5, 7), (1, 2, 5), (1, 3), (1,)):
+        ticks = [m * 10.0 ** d for d in decades for m in subs if lo <= m * 10.0 ** d <= hi]
+        if len(ticks) <= 8:
+            return ticks
+    return ticks[:: math.ceil(len(ticks) / 8)]
+
+
+def family_figure(report: dict, family: str):
+    """One family's figure: a panel per mode, a row per shape, per peer the ratio time(ours) / time(peer)
+    as a point with its quartile interval; target marks coloured by verdict, noisy rows shaded."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
 
-    results = report["results"]
-    names = list(dict.fromkeys(r["family"] for r in results))
-    fig, axes = plt.subplots(len(names), 1, figsize=(11, 4 * len(names)), squeeze=False)
-    for ax, family in zip(axes[:, 0], names):
-        rows = [r for r in results if r["family"] == family]
-        peers = [p for p in rows[0]["times"] if p != OURS]
-        xs = range(len(rows))
-        for peer in peers:
-            ax.plot(xs, [1 / r["ratios"][peer] for r in rows], marker="o", label=f"vs {peer}")
-        ax.axhline(1.0, color="grey", lw=0.8)
-        ax.set_yscale("log")
-        ax.set_xticks(list(xs), [f"{r['mode']}\n{r['label']}" for r in rows], rotation=90, fontsize=6)
-        ax.set_ylabel("speed-up (peer time / our time)")
-        m = report["machine"]
-        ax.set_title(f"{family} — {m.get('gpu', m['cpu'])}, {m['dtype']}, torch {m['torch']}")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    rows = [r for r in report["results"] if r["family"] == family]
+    peers = [p for p in rows[0]["times"] if p != OURS]
+    modes = list(dict.fromkeys(r["mode"] for r in rows))
+    shapes = list(dict.fromkeys(r["label"] for r in rows))
+    labels, fixed = _short_labels([next(r for r in rows if r["label"] == label) for label in shapes])
+    by_case = {(r["mode"], r["label"]): (r, assess(r)) for r in rows}
+    label_lines = max(label.count("\n") + 1 for label in labels)
+    slot_in = max(0.17 * len(peers) + 0.12, 0.16 * label_lines + 0.1)
+    fig, axes = plt.subplots(1, len(modes), figsize=(2.4 + 4.6 * len(modes), 2.0 + slot_in * len(shapes)),
+                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    colors = plt.get_cmap("tab10").colors
+    step = 0.8 / len(peers)
+    values = [1.0]
+    for ax, mode in zip(axes[0], modes):
+        for i, label in enumerate(shapes):
+            if (mode, label) not in by_case:
+                continue
+            row, a = by_case[mode, label]
+            if a["noisy"]:
+                ax.axhspan(i - 0.5, i + 0.5, color="orange", alpha=0.18, lw=0)
+                # in the band's top corner, above the points
+                ax.text(0.995, i - 0.48, "noisy", transform=ax.get_yaxis_transform(), ha="right", va="top",
+                        fontsize=6.5, color="darkorange")
+            elif i % 2:
+                ax.axhspan(i - 0.5, i + 0.5, color="0.5", alpha=0.07, lw=0)  # stripes tell the shapes apart
+            for j, peer in enumerate(peers):
+                y = i + (j - (len(peers) - 1) / 2) * step
+                ratio, (lo, hi) = a["ratios"][peer], a["intervals"][peer]
+                values += [lo, hi]
+                ax.errorbar(ratio, y, xerr=[[ratio - lo], [hi - ratio]], fmt="o", ms=4.5, color=colors[j],
+                            mfc="white" if peer in a["noisy"] else colors[j], elinewidth=1.2, capsize=2)
+                if peer in row["targets"]:
+                    values.append(row["targets"][peer])
+                    ax.plot(row["targets"][peer], y, marker="|", ms=12, mew=2.2, ls="none",
+                            color=VERDICT_COLORS[a["verdicts"][peer]])
+        ax.axvline(1.0, color="0.35", lw=1, ls="--", zorder=0)
+        ax.set_title(mode, fontsize=11)
+        ax.set_xlabel("time(ours) / time(peer)   (< 1: ours faster)", fontsize=9)
+        ax.grid(axis="x", color="0.9")
+    ax = axes[0, 0]
+    ax.set_xscale("log")
+    lo, hi = min(values) / 1.25, max(values) * 1.25
+    ax.set_xlim(lo, hi)
+    ticks = _log_ticks(lo, hi)
+    ax.set_xticks(ticks, [f"{t:g}" for t in ticks])
+    ax.minorticks_off()
+    ax.set_yticks(range(len(shapes)), labels, fontsize=8)
+    ax.set_ylim(len(shapes) - 0.5, -0.5)
+    m = report["machine"]
+    where = m.get("gpu") or f"{m['cpu']} CPU, {m['threads']} threads"
+    fig.suptitle(f"{family}: time(lors_kernels) / time(peer), median and quartile interval\n"
+                 f"{where} · {m['dtype']} · torch {m['torch']}{' · --quick' if report.get('quick') else ''}"
+                 + (f" · {fixed}" if fixed else ""), fontsize=10)
+    handles = [Line2D([], [], marker="o", ls="none", color=colors[j], label=f"vs {peer}")
+               for j, peer in enumerate(peers)]
+    if any(a["noisy"] for _, a in by_case.values()):
+        handles.append(Line2D([], [], marker="o", ls="none", color="0.4", mfc="white", label="noisy ratio"))
+    shown = {v for _, a in by_case.values() for v in a["verdicts"].values()}
+    handles += [Line2D([], [], marker="|", ms=10, mew=2.2, ls="none", color=color, label=f"target: {verdict}")
+                for verdict, color in VERDICT_COLORS.items() if verdict in shown]
+    fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
+    return fig
+
+
+def plot(report: dict, path: str) -> list[str]:
+    """One PNG per family (see `plot_paths`); returns their paths."""
+    import matplotlib.pyplot as plt
+
+    paths = plot_paths(path, dict.fromkeys(r["family"] for r in report["results"]))
+    for family, out in paths.items():
+        fig = family_figure(report, family)
+        fig.savefig(out, dpi=110)
+        plt.close(fig)
+    return list(paths.values())
 
 
 def main(args) -> int:
@@ -246,13 +393,18 @@ def main(args) -> int:
     report = run(names, device, dtype, args.quick)
     report["command"] = " ".join(["python -m lors_kernels", *sys.argv[1:]])
     print(format_table(report))
-    out_dir = "lors_bench"
-    json_path = args.json or os.path.join(out_dir, "bench.json")
-    plot_path = args.plot or os.path.join(out_dir, "bench.png")
-    for path in (json_path, plot_path):
+    # a quick run must not replace the full run's files
+    stem = os.path.join("lors_bench", "bench-quick" if args.quick else "bench")
+    json_path, plot_path = args.json or stem + ".json", args.plot or stem + ".png"
+    outputs = [json_path, *plot_paths(plot_path, names).values()]
+    replaced = [path for path in outputs if os.path.exists(path)]
+    for path in outputs:
         os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     with open(json_path, "w") as f:
         json.dump(report, f, indent=1)
     plot(report, plot_path)
-    print(f"\nwrote {json_path} and {plot_path}")
+    print(f"\nwrote {', '.join(outputs)} (timing took {report['seconds']} s)")
+    if replaced:
+        print(f"replaced the previous {', '.join(replaced)}")
+    print(noisy_line(report))
     return 0
