@@ -2,7 +2,7 @@
 
 Each op family describes its benchmarks in one `Family` record beside its code (``<family>/bench.py``):
 the grid of shapes, the providers (ours and the peers it is measured against), a builder of one
-case, and the targets its issue set. ``python -m lors_kernels bench`` (table, JSON, plot) and the
+case, and the targets it must meet. ``python -m lors_kernels bench`` (table, JSON, plot) and the
 pytest-benchmark suite in ``bench/`` both take their cases from these records.
 """
 
@@ -40,7 +40,6 @@ class Target:
     peer: str
     ratio: float
     device: str
-    source: str  # the issue that set it
     modes: tuple = MODES
     where: Callable[[dict], bool] = lambda shape: True
 

@@ -70,7 +70,7 @@ def fake_bench(monkeypatch):
 
     family = bench.Family("fake", lambda device, quick: [{"case": c} for c in SPREADS],
                           lambda device: (OURS, "peer", "other"), build,
-                          targets=(bench.Target("peer", 1.0, "cpu", "test"),))
+                          targets=(bench.Target("peer", 1.0, "cpu"),))
     monkeypatch.setattr(bench, "families", lambda: {"fake": family})
     monkeypatch.setattr(bench, "clock_for", lambda device: lambda fn, number: fn())
     monkeypatch.setattr(bench, "QUICK", bench.Sampling(budget_s=0.05, block_s=1e-3))

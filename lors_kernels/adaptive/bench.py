@@ -13,7 +13,7 @@ SHAPES = {"lors": (2, 64, 128, 128, 16, 3), "adamixer": (4, 32, 64, 128, 0, 0)}
 
 
 def grid(device: str, quick: bool):
-    """The issue's B=16 with N in {100, 300} on GPUs; CPUs take B=2, N=100."""
+    """B=16 with N in {100, 300} on GPUs; CPUs take B=2, N=100."""
     if device == "cuda":
         sizes = [(name, 16, n) for name in SHAPES for n in ((100,) if quick else (100, 300))]
     else:
@@ -58,7 +58,7 @@ def build(device: str, dtype: torch.dtype, shape: dict, mode: str) -> dict:
 FAMILIES = [Family(
     "adaptive_mixing", grid, provider_names, build,
     targets=(
-        Target("eager", 0.5, "cuda", "issue 3", ("fwd+bwd",)),  # GPU bf16: fwd+bwd >= 2x eager
-        Target("eager", 1 / 1.6, "cpu", "issue 6"),  # the native CPU kernels >= 1.6x eager on 2 cores
+        Target("eager", 0.5, "cuda", ("fwd+bwd",)),  # GPU bf16: fwd+bwd >= 2x eager
+        Target("eager", 1 / 1.6, "cpu"),  # the native CPU kernels >= 1.6x eager on 2 cores
     ),
 )]

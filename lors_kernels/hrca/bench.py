@@ -118,10 +118,10 @@ def build_selection(device: str, dtype: torch.dtype, shape: dict, mode: str) -> 
 
 FAMILIES = [
     Family("hrca", attention_grid, lambda device: (OURS, "topk+gather+SDPA", "dense SDPA"), build_attention,
-           # Issue 4, GPU bf16: >= 3x faster than top-k + gather + SDPA at Cityscapes size.
-           targets=(Target("topk+gather+SDPA", 1 / 3, "cuda", "issue 4", where=lambda s: s["size"] == "cityscapes"),)),
+           # GPU bf16: >= 3x faster than top-k + gather + SDPA at Cityscapes size.
+           targets=(Target("topk+gather+SDPA", 1 / 3, "cuda", where=lambda s: s["size"] == "cityscapes"),)),
     Family("hrca_selection", selection_grid, lambda device: (OURS, "interpolate+topk"), build_selection,
-           # Issue 6: the native CPU selection >= 2x faster than interpolate + top-k at Cityscapes size.
-           targets=(Target("interpolate+topk", 0.5, "cpu", "issue 6", where=lambda s: s["size"] == "cityscapes"),),
+           # CPU: the native selection >= 2x faster than interpolate + top-k at Cityscapes size.
+           targets=(Target("interpolate+topk", 0.5, "cpu", where=lambda s: s["size"] == "cityscapes"),),
            modes=("fwd",)),
 ]

@@ -11,7 +11,7 @@ from ..report import OURS
 
 
 def grid(device: str, quick: bool):
-    """{M, in=out, R}. GPUs take the issue's full grid; CPUs skip the multi-second shapes."""
+    """{M, in=out, R}. GPUs take the full grid; CPUs skip the multi-second shapes."""
     if device == "cuda":
         ms, dims, ranks = ((1, 4096), (1024, 4096), (8,)) if quick else ((1, 16, 256, 4096), (256, 1024, 4096), (8, 32))
     else:
@@ -46,14 +46,14 @@ def build(device: str, dtype: torch.dtype, shape: dict, mode: str) -> dict:
 FAMILIES = [Family(
     "lors_linear", grid, lambda device: tuple(providers(*[None] * 5)), build,
     targets=(
-        # Issue 2, GPU bf16: >= 1.4x faster than PEFT eager; at M >= 4096 within 1.05x (fwd) / 1.10x
-        # (fwd+bwd) of dense F.linear.
-        Target("peft eager", 1 / 1.4, "cuda", "issue 2"),
-        Target("dense F.linear", 1.05, "cuda", "issue 2", ("fwd",), lambda s: s["M"] >= 4096),
-        Target("dense F.linear", 1.10, "cuda", "issue 2", ("fwd+bwd",), lambda s: s["M"] >= 4096),
-        # Issue 2, CPU forward of small batches: >= 1.3x faster than PEFT eager at in=out=256, within 1.1x
+        # GPU bf16: >= 1.4x faster than PEFT eager; at M >= 4096 within 1.05x (fwd) / 1.10x (fwd+bwd) of
+        # dense F.linear.
+        Target("peft eager", 1 / 1.4, "cuda"),
+        Target("dense F.linear", 1.05, "cuda", ("fwd",), lambda s: s["M"] >= 4096),
+        Target("dense F.linear", 1.10, "cuda", ("fwd+bwd",), lambda s: s["M"] >= 4096),
+        # CPU forward of small batches: >= 1.3x faster than PEFT eager at in=out=256, within 1.1x
         # of dense F.linear from 1024 on (where reading the weight dominates).
-        Target("peft eager", 1 / 1.3, "cpu", "issue 2", ("fwd",), lambda s: s["M"] <= 16 and s["in=out"] <= 256),
-        Target("dense F.linear", 1.1, "cpu", "issue 2", ("fwd",), lambda s: s["M"] <= 16 and s["in=out"] > 256),
+        Target("peft eager", 1 / 1.3, "cpu", ("fwd",), lambda s: s["M"] <= 16 and s["in=out"] <= 256),
+        Target("dense F.linear", 1.1, "cpu", ("fwd",), lambda s: s["M"] <= 16 and s["in=out"] > 256),
     ),
 )]
