@@ -68,8 +68,10 @@ def extensions_and_commands():
         import torch
         from torch.utils import cpp_extension
     except ImportError as err:  # e.g. an isolated build: pip install without --no-build-isolation
-        say(f"torch is not importable at build time ({err}): installing pure Python without "
-            "lors_kernels._C. Rebuild with `pip install --no-build-isolation -e .` to get it.")
+        say(
+            f"torch is not importable at build time ({err}): installing pure Python without "
+            "lors_kernels._C. Rebuild with `pip install --no-build-isolation -e .` to get it."
+        )
         return [], {}
 
     # -std is left to torch: it adds the standard its own headers need (C++17 or, since 2.10, C++20).
@@ -84,24 +86,45 @@ def extensions_and_commands():
 
     # Fresh argument lists per extension: torch appends its flags to them in place.
     cpu_ext = cpp_extension.CppExtension(
-        EXT_NAME, cpu_sources, define_macros=list(defines), include_dirs=[CSRC],
-        extra_compile_args={"cxx": list(cxx)}, extra_link_args=list(link))
+        EXT_NAME,
+        cpu_sources,
+        define_macros=list(defines),
+        include_dirs=[CSRC],
+        extra_compile_args={"cxx": list(cxx)},
+        extra_link_args=list(link),
+    )
     if not want_cuda(torch, cpp_extension):
         return [cpu_ext], {"build_ext": optional_build_ext(cpp_extension.BuildExtension)}
 
-    say(f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, toolkit {cpp_extension.CUDA_HOME}, "
-        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<detected GPUs>')})")
+    say(
+        f"building CPU + CUDA kernels (CUDA {torch.version.cuda}, toolkit {cpp_extension.CUDA_HOME}, "
+        f"TORCH_CUDA_ARCH_LIST={os.environ.get('TORCH_CUDA_ARCH_LIST', '<detected GPUs>')})"
+    )
     cuda_ext = cpp_extension.CUDAExtension(
-        EXT_NAME, cpu_sources + sources("csrc/cuda/*.cu"), define_macros=defines + [("LORS_WITH_CUDA", None)],
+        EXT_NAME,
+        cpu_sources + sources("csrc/cuda/*.cu"),
+        define_macros=defines + [("LORS_WITH_CUDA", None)],
         include_dirs=[CSRC],
-        extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]}, extra_link_args=list(link))
+        extra_compile_args={"cxx": list(cxx), "nvcc": ["-O3", "-lineinfo"]},
+        extra_link_args=list(link),
+    )
     cuda_ext.cpu_recipe = cpu_ext
     return [cuda_ext], {"build_ext": optional_build_ext(cpp_extension.BuildExtension)}
 
 
 # What makes an extension CUDA or CPU-only; the rest (name, setuptools' private bookkeeping) is kept.
-RECIPE = ("sources", "include_dirs", "define_macros", "undef_macros", "library_dirs", "libraries",
-          "runtime_library_dirs", "extra_compile_args", "extra_link_args", "language")
+RECIPE = (
+    "sources",
+    "include_dirs",
+    "define_macros",
+    "undef_macros",
+    "library_dirs",
+    "libraries",
+    "runtime_library_dirs",
+    "extra_compile_args",
+    "extra_link_args",
+    "language",
+)
 
 
 def optional_build_ext(base):
@@ -135,8 +158,10 @@ def optional_build_ext(base):
                 except Exception as err:  # noqa: BLE001 -- any failure of an optional extension
                     retry = [ext for ext in self.extensions if getattr(ext, "cpu_recipe", None) is not None]
                     detail = (str(err).splitlines() or [""])[0][:300]
-                    warn(f"building {EXT_NAME} failed: {type(err).__name__}: {detail}"
-                         + (" -- retrying without CUDA" if retry else ""))
+                    warn(
+                        f"building {EXT_NAME} failed: {type(err).__name__}: {detail}"
+                        + (" -- retrying without CUDA" if retry else "")
+                    )
                 if not retry:
                     break
                 for ext in retry:
@@ -149,8 +174,10 @@ def optional_build_ext(base):
                         setattr(compiler, name, method)
                     elif name in vars(compiler):
                         delattr(compiler, name)
-            warn(f"installing lors_kernels WITHOUT its native extension {EXT_NAME}; the package falls back "
-                 "to Triton / PyTorch implementations. See the compiler output above.")
+            warn(
+                f"installing lors_kernels WITHOUT its native extension {EXT_NAME}; the package falls back "
+                "to Triton / PyTorch implementations. See the compiler output above."
+            )
             # Nothing to copy or list as output: editable and wheel builds then proceed without it.
             self.dropped = [ext.name for ext in self.extensions]
             self.extensions = []

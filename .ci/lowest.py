@@ -6,6 +6,7 @@ torch is left out: the install command pins it.
 
 import pathlib
 import re
+
 import tomllib
 
 ROOT = pathlib.Path(__file__).resolve().parent.parent

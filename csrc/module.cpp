@@ -19,7 +19,7 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
 #endif
       },
       "Backends compiled into this module: 'cpu', plus 'cuda' if built.");
-  lors_kernels::bindings::register_lors_linear(m);
-  lors_kernels::bindings::register_adaptive_mixing(m);
+  lors_kernels::bindings::register_static(m);
+  lors_kernels::bindings::register_adaptive(m);
   lors_kernels::bindings::register_hrca(m);
 }

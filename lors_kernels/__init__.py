@@ -8,20 +8,27 @@ imported (the usual order) it loads right away. Tools that need no torch, such a
 
 import importlib
 import sys
-import types
 
 __version__ = "0.1.0"
 
 # Public name -> the module that defines it.
 _API = {
-    "AdaptiveMixing": "adaptive", "LorsAdaptiveMixing": "adaptive", "LorsWeightGenerator": "adaptive",
-    "adaptive_mixing": "adaptive", "generate_mixing_weights": "adaptive",
+    "AdaptiveMixing": "adaptive",
+    "LorsAdaptiveMixing": "adaptive",
+    "LorsWeightGenerator": "adaptive",
+    "adaptive_mixing": "adaptive",
+    "generate_mixing_weights": "adaptive",
     "set_backend": "backend",
-    "count_parameters": "convert", "lorsify": "convert",
-    "HighResCrossAttention": "hrca", "select_topk_pixels": "hrca", "select_windows": "hrca",
+    "count_parameters": "convert",
+    "lorsify": "convert",
+    "HighResCrossAttention": "hrca",
+    "select_topk_pixels": "hrca",
+    "select_windows": "hrca",
     "sparse_cross_attention": "hrca",
-    "LorsLinear": "lors_linear", "SharedWeight": "lors_linear", "lors_linear": "lors_linear",
-    "make_lors_stack": "lors_linear",
+    "LorsLinear": "static",
+    "SharedWeight": "static",
+    "lors_linear": "static",
+    "make_lors_stack": "static",
 }
 __all__ = sorted(_API)
 
@@ -42,14 +49,5 @@ def __dir__():
     return sorted(set(globals()) | set(_API))
 
 
-class _Package(types.ModuleType):
-    def __setattr__(self, name, value):
-        # Importing the subpackage lors_kernels.lors_linear would set the attribute lors_linear to it; the
-        # public function of that name keeps it (as it did when this file imported everything).
-        if not (name in _API and isinstance(value, types.ModuleType)):
-            super().__setattr__(name, value)
-
-
-sys.modules[__name__].__class__ = _Package
 if sys.modules.get("torch") is not None:
     _load()

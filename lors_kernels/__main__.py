@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -17,19 +18,26 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--device", choices=["cpu", "cuda"], help="default: cuda if available, else cpu")
     bench.add_argument("--dtype", choices=list(DTYPES), help="default: bf16 on cuda, fp32 on cpu")
     bench.add_argument("--quick", action="store_true", help="fewer shapes and shorter timing (< 2 min on CPU)")
-    bench.add_argument("--json", metavar="PATH",
-                       help="default: lors_bench/bench.json, with --quick lors_bench/bench-quick.json")
-    bench.add_argument("--plot", metavar="PATH",
-                       help="one PNG per family: PATH with -<family> before the extension (--plot out.png "
-                            "writes out-lors_linear.png, ...); default: lors_bench/bench-<family>.png, with "
-                            "--quick lors_bench/bench-quick-<family>.png")
-    check = sub.add_parser("gpu-check", help="on a GPU: the CUDA tests and the quick bf16 benchmarks, with a "
-                                             "JSON and markdown summary (< 8 min on one H100/H200)")
+    bench.add_argument(
+        "--json", metavar="PATH", help="default: lors_bench/bench.json, with --quick lors_bench/bench-quick.json"
+    )
+    bench.add_argument(
+        "--plot",
+        metavar="PATH",
+        help="one PNG per family: PATH with -<family> before the extension (--plot out.png "
+        "writes out-lors_linear.png, ...); default: lors_bench/bench-<family>.png, with "
+        "--quick lors_bench/bench-quick-<family>.png",
+    )
+    check = sub.add_parser(
+        "gpu-check",
+        help="on a GPU: the CUDA tests and the quick bf16 benchmarks, with a "
+        "JSON and markdown summary (< 8 min on one H100/H200)",
+    )
     check.add_argument("--out", metavar="DIR", default="gpu-check", help="where the results go (default: gpu-check)")
     return parser
 
 
-def main(argv=None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     if args.command == "env":
         from .backend import env_report

@@ -20,6 +20,7 @@ import importlib
 import importlib.util
 import os
 import warnings
+from types import ModuleType
 
 import torch
 
@@ -62,7 +63,7 @@ def forced_backend() -> str | None:
     return _canonical(name) if name else None
 
 
-def native():
+def native() -> ModuleType | None:
     """The compiled extension ``lors_kernels._C``, or None when it was not built (said once)."""
     global _native, _native_error, _native_loaded
     if not _native_loaded:
@@ -86,9 +87,9 @@ def native_error() -> str | None:
     return _native_error
 
 
-def has_native(name: str) -> bool:
-    """The extension is there and has the function ``name`` (CUDA functions exist only in CUDA builds)."""
-    return hasattr(native(), name)
+def native_has_cuda() -> bool:
+    """The extension is there and was built with its CUDA kernels."""
+    return native() is not None and "cuda" in native().built_backends()
 
 
 @functools.cache
@@ -111,29 +112,39 @@ def env_report() -> str:
     """What was built and what is usable here (``python -m lors_kernels env``)."""
     import platform
 
-    lines = [f"python      {platform.python_version()} ({platform.machine()})",
-             f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})"]
+    lines = [
+        f"python      {platform.python_version()} ({platform.machine()})",
+        f"torch       {torch.__version__} (CUDA {torch.version.cuda or 'none'})",
+    ]
     if triton_available():
         import triton
 
-        mode = ("interpreter (TRITON_INTERPRET=1)" if triton_interpreted() else "compiled" if torch.cuda.is_available()
-                else "no CUDA device: runs on CPU tensors only with TRITON_INTERPRET=1")
+        mode = (
+            "interpreter (TRITON_INTERPRET=1)"
+            if triton_interpreted()
+            else "compiled"
+            if torch.cuda.is_available()
+            else "no CUDA device: runs on CPU tensors only with TRITON_INTERPRET=1"
+        )
         lines.append(f"triton      {triton.__version__} [{mode}]")
     else:
         lines.append("triton      not installed")
     cuda = torch.cuda.is_available()
     if cuda:
         props = torch.cuda.get_device_properties(0)
-        lines.append(f"device      {props.name} (sm_{props.major}{props.minor}, "
-                     f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)")
+        lines.append(
+            f"device      {props.name} (sm_{props.major}{props.minor}, "
+            f"{props.multi_processor_count} SMs, {props.total_memory / 2**30:.0f} GiB)"
+        )
     else:
         lines.append("device      no CUDA device: CPU only")
     ext = native()
     if ext is None:
         lines.append(f"native      not built ({_native_error})")
     else:
-        lines.append(f"native      built: {', '.join(ext.built_backends())} "
-                     f"(OpenMP threads: {torch.get_num_threads()})")
+        lines.append(
+            f"native      built: {', '.join(ext.built_backends())} (OpenMP threads: {torch.get_num_threads()})"
+        )
     usable = ["reference"]
     if ext is not None:
         usable.append("native[cpu]")
@@ -145,12 +156,15 @@ def env_report() -> str:
         usable.append("triton[cpu, interpreter]")
     lines.append(f"usable      {', '.join(usable)}")
     forced = forced_backend()
-    lines.append(f"override    {forced or 'auto'} "
-                 "(LORS_KERNELS_BACKEND=triton|native|cuda|reference, lors_kernels.set_backend)")
+    lines.append(
+        f"override    {forced or 'auto'} (LORS_KERNELS_BACKEND=triton|native|cuda|reference, lors_kernels.set_backend)"
+    )
     blocked = _why_not_usable(forced, usable)
     if blocked:
-        lines.append(f"warning     backend '{forced}' is forced but cannot run here: {blocked}; "
-                     "calls that have a kernel of it fail until the override is removed")
+        lines.append(
+            f"warning     backend '{forced}' is forced but cannot run here: {blocked}; "
+            "calls that have a kernel of it fail until the override is removed"
+        )
     return "\n".join(lines)
 
 
@@ -159,8 +173,11 @@ def _why_not_usable(forced: str | None, usable: list) -> str | None:
     if forced in (None, "reference") or any(u.startswith(forced) for u in usable):
         return None
     if forced == "triton":
-        return ("triton is not installed" if not triton_available() else
-                "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU tensors")
+        return (
+            "triton is not installed"
+            if not triton_available()
+            else "no CUDA device, and TRITON_INTERPRET=1 is not set for CPU tensors"
+        )
     if native() is None:
         return f"the native extension is not built ({_native_error})"
     return "the native extension was built without CUDA, or there is no CUDA device"

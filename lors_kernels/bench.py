@@ -8,6 +8,7 @@ pytest-benchmark suite in ``bench/`` both take their cases from these records.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import importlib
 import json
@@ -18,11 +19,15 @@ import statistics
 import sys
 import textwrap
 import time
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from .report import OURS, assess, format_table, noisy_line
+
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
 
 DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 MODES = ("fwd", "fwd+bwd")
@@ -30,7 +35,7 @@ MODES = ("fwd", "fwd+bwd")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPE = torch.bfloat16 if DEVICE == "cuda" else torch.float32
 # The modules holding each family's `FAMILIES` records, in the order the tables show them.
-FAMILY_MODULES = ("lors_kernels.lors_linear.bench", "lors_kernels.adaptive.bench", "lors_kernels.hrca.bench")
+FAMILY_MODULES = ("lors_kernels.static.bench", "lors_kernels.adaptive.bench", "lors_kernels.hrca.bench")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,10 +68,10 @@ class Family:
     targets: tuple = ()
     modes: tuple = MODES
 
-    def cases(self, device: str, dtype: torch.dtype, quick: bool = False):
+    def cases(self, device: str, dtype: torch.dtype, quick: bool = False) -> list[Case]:
         return [self.case(device, dtype, shape, mode) for shape in self.grid(device, quick) for mode in self.modes]
 
-    def case(self, device: str, dtype: torch.dtype, shape: dict, mode: str) -> "Case":
+    def case(self, device: str, dtype: torch.dtype, shape: dict, mode: str) -> Case:
         targets = {t.peer: t.ratio for t in self.targets if t.applies(device, mode, shape)}
         return Case(self.name, mode, shape, self.build(device, dtype, shape, mode), targets)
 
@@ -92,7 +97,7 @@ def families() -> dict[str, Family]:
     return {f.name: f for f in records}
 
 
-def seeded_randn(device: str, dtype: torch.dtype, seed: int = 0):
+def seeded_randn(device: str, dtype: torch.dtype, seed: int = 0) -> Callable[..., torch.Tensor]:
     """rand(*shape, std=1.0): normal values from one CPU generator (the same on every device)."""
     g = torch.Generator().manual_seed(seed)
 
@@ -102,7 +107,12 @@ def seeded_randn(device: str, dtype: torch.dtype, seed: int = 0):
     return rand
 
 
-def forward_backward(providers: dict, inputs, grad_out, inputs_of=None) -> dict:
+def forward_backward(
+    providers: dict,
+    inputs: Sequence[torch.Tensor],
+    grad_out: torch.Tensor,
+    inputs_of: Callable[[str], Sequence[torch.Tensor]] | None = None,
+) -> dict:
     """Each provider's forward + backward, without accumulating into .grad, so every provider does the
     same extra work: none. inputs_of(name): the inputs a provider differentiates (default: all)."""
 
@@ -193,21 +203,28 @@ def measure(providers: dict, clock: Clock, sampling: Sampling) -> dict:
         for name in names[first:] + names[:first]:
             samples[name].append(clock(providers[name], number[name]))
         if done >= sampling.min_rounds and (
-                time.perf_counter() - start > sampling.budget_s
-                or all(_rel_iqr(_ratios(ours, samples[p])) <= sampling.rel_iqr for p in peers)):
+            time.perf_counter() - start > sampling.budget_s
+            or all(_rel_iqr(_ratios(ours, samples[p])) <= sampling.rel_iqr for p in peers)
+        ):
             break
     times, paired = {}, {}
     for name in names:
         q1, median, q3 = _quartiles(samples[name])
-        times[name] = {"median_ms": median, "q1_ms": q1, "q3_ms": q3, "rel_iqr": _rel_iqr(samples[name]),
-                       "n": len(samples[name]), "calls": number[name]}
+        times[name] = {
+            "median_ms": median,
+            "q1_ms": q1,
+            "q3_ms": q3,
+            "rel_iqr": _rel_iqr(samples[name]),
+            "n": len(samples[name]),
+            "calls": number[name],
+        }
     for peer in peers:
         q1, median, q3 = _quartiles(_ratios(ours, samples[peer]))
         paired[peer] = {"median": median, "q1": q1, "q3": q3}
     return {"times": times, "paired": paired}
 
 
-def peak_memory(fn: Callable, device: str):
+def peak_memory(fn: Callable, device: str) -> int | None:
     """Peak bytes allocated by one call beyond what was allocated before it (CUDA only)."""
     if device != "cuda":
         return None
@@ -220,9 +237,16 @@ def peak_memory(fn: Callable, device: str):
 
 
 def machine_info(device: str, dtype: str) -> dict:
-    info = {"date": time.strftime("%Y-%m-%d %H:%M:%S %Z"), "python": platform.python_version(),
-            "torch": torch.__version__, "cuda": torch.version.cuda, "device": device, "dtype": dtype,
-            "cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads()}
+    info = {
+        "date": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "device": device,
+        "dtype": dtype,
+        "cpu": platform.processor() or platform.machine(),
+        "threads": torch.get_num_threads(),
+    }
     try:
         import triton
 
@@ -234,7 +258,7 @@ def machine_info(device: str, dtype: str) -> dict:
     return info
 
 
-def run(names, device: str, dtype: str, quick: bool, progress: bool = True) -> dict:
+def run(names: Iterable[str], device: str, dtype: str, quick: bool, progress: bool = True) -> dict:
     """Time every provider of every case of the named families; returns the JSON-ready results."""
     records = families()
     cases = [case for name in names for case in records[name].cases(device, DTYPES[dtype], quick)]
@@ -245,16 +269,26 @@ def run(names, device: str, dtype: str, quick: bool, progress: bool = True) -> d
     start = time.perf_counter()
     for case in cases:
         bar.set_description(f"{case.family} {case.mode} {case.label}"[:60])
-        row = {"family": case.family, "mode": case.mode, "shape": case.shape, "label": case.label,
-               **measure(case.providers, clock, sampling),
-               "peak_bytes": {name: peak_memory(fn, device) for name, fn in case.providers.items()},
-               "targets": case.targets}
+        row = {
+            "family": case.family,
+            "mode": case.mode,
+            "shape": case.shape,
+            "label": case.label,
+            **measure(case.providers, clock, sampling),
+            "peak_bytes": {name: peak_memory(fn, device) for name, fn in case.providers.items()},
+            "targets": case.targets,
+        }
         row.update(assess(row))
         results.append(row)
         bar.update(1)
     bar.close()
-    return {"machine": machine_info(device, dtype), "quick": quick, "sampling": dataclasses.asdict(sampling),
-            "seconds": round(time.perf_counter() - start, 1), "results": results}
+    return {
+        "machine": machine_info(device, dtype),
+        "quick": quick,
+        "sampling": dataclasses.asdict(sampling),
+        "seconds": round(time.perf_counter() - start, 1),
+        "results": results,
+    }
 
 
 def _progress(total: int, enabled: bool):
@@ -290,13 +324,13 @@ def _log_ticks(lo: float, hi: float) -> list:
     """Round ticks between lo and hi, as many as fit without their labels overlapping (at most 8)."""
     decades = range(math.floor(math.log10(lo)), math.ceil(math.log10(hi)) + 1)
     for subs in ((1, 1.5, 2, 3, 4, 5, 7), (1, 2, 5), (1, 3), (1,)):
-        ticks = [m * 10.0 ** d for d in decades for m in subs if lo <= m * 10.0 ** d <= hi]
+        ticks = [m * 10.0**d for d in decades for m in subs if lo <= m * 10.0**d <= hi]
         if len(ticks) <= 8:
             return ticks
     return ticks[:: math.ceil(len(ticks) / 8)]
 
 
-def family_figure(report: dict, family: str):
+def family_figure(report: dict, family: str) -> Figure:
     """One family's figure: a panel per mode, a row per shape, per peer the ratio time(ours) / time(peer)
     as a point with its quartile interval; target marks coloured by verdict, noisy rows shaded."""
     import matplotlib
@@ -313,8 +347,15 @@ def family_figure(report: dict, family: str):
     by_case = {(r["mode"], r["label"]): (r, assess(r)) for r in rows}
     label_lines = max(label.count("\n") + 1 for label in labels)
     slot_in = max(0.17 * len(peers) + 0.12, 0.16 * label_lines + 0.1)
-    fig, axes = plt.subplots(1, len(modes), figsize=(2.4 + 4.6 * len(modes), 2.0 + slot_in * len(shapes)),
-                             sharex=True, sharey=True, squeeze=False, layout="constrained")
+    fig, axes = plt.subplots(
+        1,
+        len(modes),
+        figsize=(2.4 + 4.6 * len(modes), 2.0 + slot_in * len(shapes)),
+        sharex=True,
+        sharey=True,
+        squeeze=False,
+        layout="constrained",
+    )
     colors = plt.get_cmap("tab10").colors
     step = 0.8 / len(peers)
     values = [1.0]
@@ -326,20 +367,44 @@ def family_figure(report: dict, family: str):
             if a["noisy"]:
                 ax.axhspan(i - 0.5, i + 0.5, color="orange", alpha=0.18, lw=0)
                 # in the band's top corner, above the points
-                ax.text(0.995, i - 0.48, "noisy", transform=ax.get_yaxis_transform(), ha="right", va="top",
-                        fontsize=6.5, color="darkorange")
+                ax.text(
+                    0.995,
+                    i - 0.48,
+                    "noisy",
+                    transform=ax.get_yaxis_transform(),
+                    ha="right",
+                    va="top",
+                    fontsize=6.5,
+                    color="darkorange",
+                )
             elif i % 2:
                 ax.axhspan(i - 0.5, i + 0.5, color="0.5", alpha=0.07, lw=0)  # stripes tell the shapes apart
             for j, peer in enumerate(peers):
                 y = i + (j - (len(peers) - 1) / 2) * step
                 ratio, (lo, hi) = a["ratios"][peer], a["intervals"][peer]
                 values += [lo, hi]
-                ax.errorbar(ratio, y, xerr=[[ratio - lo], [hi - ratio]], fmt="o", ms=4.5, color=colors[j],
-                            mfc="white" if peer in a["noisy"] else colors[j], elinewidth=1.2, capsize=2)
+                ax.errorbar(
+                    ratio,
+                    y,
+                    xerr=[[ratio - lo], [hi - ratio]],
+                    fmt="o",
+                    ms=4.5,
+                    color=colors[j],
+                    mfc="white" if peer in a["noisy"] else colors[j],
+                    elinewidth=1.2,
+                    capsize=2,
+                )
                 if peer in row["targets"]:
                     values.append(row["targets"][peer])
-                    ax.plot(row["targets"][peer], y, marker="|", ms=12, mew=2.2, ls="none",
-                            color=VERDICT_COLORS[a["verdicts"][peer]])
+                    ax.plot(
+                        row["targets"][peer],
+                        y,
+                        marker="|",
+                        ms=12,
+                        mew=2.2,
+                        ls="none",
+                        color=VERDICT_COLORS[a["verdicts"][peer]],
+                    )
         ax.axvline(1.0, color="0.35", lw=1, ls="--", zorder=0)
         ax.set_title(mode, fontsize=11)
         ax.set_xlabel("time(ours) / time(peer)   (< 1: ours faster)", fontsize=9)
@@ -355,16 +420,23 @@ def family_figure(report: dict, family: str):
     ax.set_ylim(len(shapes) - 0.5, -0.5)
     m = report["machine"]
     where = m.get("gpu") or f"{m['cpu']} CPU, {m['threads']} threads"
-    fig.suptitle(f"{family}: time(lors_kernels) / time(peer), median and quartile interval\n"
-                 f"{where} · {m['dtype']} · torch {m['torch']}{' · --quick' if report.get('quick') else ''}"
-                 + (f" · {fixed}" if fixed else ""), fontsize=10)
-    handles = [Line2D([], [], marker="o", ls="none", color=colors[j], label=f"vs {peer}")
-               for j, peer in enumerate(peers)]
+    fig.suptitle(
+        f"{family}: time(lors_kernels) / time(peer), median and quartile interval\n"
+        f"{where} · {m['dtype']} · torch {m['torch']}{' · --quick' if report.get('quick') else ''}"
+        + (f" · {fixed}" if fixed else ""),
+        fontsize=10,
+    )
+    handles = [
+        Line2D([], [], marker="o", ls="none", color=colors[j], label=f"vs {peer}") for j, peer in enumerate(peers)
+    ]
     if any(a["noisy"] for _, a in by_case.values()):
         handles.append(Line2D([], [], marker="o", ls="none", color="0.4", mfc="white", label="noisy ratio"))
     shown = {v for _, a in by_case.values() for v in a["verdicts"].values()}
-    handles += [Line2D([], [], marker="|", ms=10, mew=2.2, ls="none", color=color, label=f"target: {verdict}")
-                for verdict, color in VERDICT_COLORS.items() if verdict in shown]
+    handles += [
+        Line2D([], [], marker="|", ms=10, mew=2.2, ls="none", color=color, label=f"target: {verdict}")
+        for verdict, color in VERDICT_COLORS.items()
+        if verdict in shown
+    ]
     fig.legend(handles=handles, loc="outside lower center", ncol=min(len(handles), 4), fontsize=8, frameon=False)
     return fig
 
@@ -381,14 +453,16 @@ def plot(report: dict, path: str) -> list[str]:
     return list(paths.values())
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("bench: --device cuda asked for, but torch sees no CUDA device")
     dtype = args.dtype or ("bf16" if device == "cuda" else "fp32")
     names = list(families()) if args.op == "all" else [args.op]
-    print(f"lors_kernels bench: {', '.join(names)} on {device}, {dtype}{' (quick)' if args.quick else ''}; "
-          "versions and backends: python -m lors_kernels env")
+    print(
+        f"lors_kernels bench: {', '.join(names)} on {device}, {dtype}{' (quick)' if args.quick else ''}; "
+        "versions and backends: python -m lors_kernels env"
+    )
     report = run(names, device, dtype, args.quick)
     report["command"] = " ".join(["python -m lors_kernels", *sys.argv[1:]])
     print(format_table(report))

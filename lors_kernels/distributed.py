@@ -23,15 +23,17 @@ leaves the others with a tensor that is already sharded (torch 2.13 fails inside
 
 from __future__ import annotations
 
-from typing import Callable, Collection, Optional, Union
+from collections.abc import Callable, Collection
+from typing import Any
 
 from torch import nn
 
-from .lors_linear.module import shared_stacks
+from .convert import SupportsLorsStacks
+from .static import shared_stacks
 
 __all__ = ["shard_lors_model"]
 
-UnitSpec = Union[None, str, type, Callable[[str, nn.Module], bool], Collection[Union[str, type]]]
+UnitSpec = None | str | type | Callable[[str, nn.Module], bool] | Collection[str | type]
 
 
 def _is_unit(units: UnitSpec, name: str, module: nn.Module) -> bool:
@@ -53,7 +55,7 @@ def _is_sharded(module: nn.Module) -> bool:
     return isinstance(module, FSDPModule) or all(isinstance(p, DTensor) for p in module.parameters())
 
 
-def shard_lors_model(model: nn.Module, *, units: UnitSpec = None, **fully_shard_kwargs) -> nn.Module:
+def shard_lors_model(model: nn.Module, *, units: UnitSpec = None, **fully_shard_kwargs: Any) -> nn.Module:
     """Apply FSDP2 to ``model`` so that every shared weight is in one unit with all the layers using it.
 
     1. Each LORS^T stack (the LorsLinear layers sharing one SharedWeight, wherever they sit) becomes one
@@ -72,8 +74,11 @@ def shard_lors_model(model: nn.Module, *, units: UnitSpec = None, **fully_shard_
 
     for _, layers in shared_stacks(model):
         fully_shard([layer for _, layer in layers], **fully_shard_kwargs)
-    picked = [(name, module) for name, module in model.named_modules()
-              if module is not model and (hasattr(module, "lors_stacks") or _is_unit(units, name, module))]
+    picked = [
+        (name, module)
+        for name, module in model.named_modules()
+        if module is not model and (isinstance(module, SupportsLorsStacks) or _is_unit(units, name, module))
+    ]
     for _, module in sorted(picked, key=lambda item: -item[0].count(".")):
         if not _is_sharded(module):
             fully_shard(module, **fully_shard_kwargs)

@@ -16,6 +16,7 @@ that the whole stays under 8 minutes on one H100/H200.
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import platform
@@ -41,9 +42,13 @@ def machine() -> dict:
 
     from . import backend
 
-    info = {"python": platform.python_version(), "torch": torch.__version__, "cuda": torch.version.cuda,
-            "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
-            "env": backend.env_report()}
+    info = {
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "gpus": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())],
+        "env": backend.env_report(),
+    }
     try:
         import triton
 
@@ -61,8 +66,18 @@ def machine() -> dict:
 def run_tests(out_dir: str, budget_s: float) -> dict:
     """The CUDA suite under pytest; counts and failures from its JUnit XML."""
     xml_path, log_path = os.path.join(out_dir, "tests.xml"), os.path.join(out_dir, "tests.log")
-    cmd = [sys.executable, "-m", "pytest", "python_tests", "-q", "-k", "not aot and not distributed",
-           f"--junitxml={xml_path}", "-p", "no:cacheprovider"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "pytest",
+        "python_tests",
+        "-q",
+        "-k",
+        "not aot and not distributed",
+        f"--junitxml={xml_path}",
+        "-p",
+        "no:cacheprovider",
+    ]
     try:
         import xdist  # noqa: F401
 
@@ -74,14 +89,17 @@ def run_tests(out_dir: str, budget_s: float) -> dict:
     start = time.perf_counter()
     with open(log_path, "w") as log:
         try:
-            code = subprocess.run(cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT,
-                                  timeout=budget_s).returncode
+            code = subprocess.run(
+                cmd, cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, timeout=budget_s
+            ).returncode
         except subprocess.TimeoutExpired:
             code = "timeout"
     result = {"exit": code, "seconds": round(time.perf_counter() - start, 1), "command": " ".join(cmd[2:])}
     result.update(junit_counts(xml_path))
-    say(f"tests: {result.get('passed', 0)} passed, {result.get('failed', 0)} failed, "
-        f"{result.get('skipped', 0)} skipped in {result['seconds']} s (exit {code})")
+    say(
+        f"tests: {result.get('passed', 0)} passed, {result.get('failed', 0)} failed, "
+        f"{result.get('skipped', 0)} skipped in {result['seconds']} s (exit {code})"
+    )
     return result
 
 
@@ -126,24 +144,30 @@ def run_bench(out_dir: str, deadline: float) -> dict:
 
 def summary_markdown(summary: dict) -> str:
     m, tests = summary["machine"], summary["tests"]
-    lines = ["# gpu-check", "",
-             f"GPU: {', '.join(m['gpus'])} · driver {m['driver']} · CUDA {m['cuda']} · torch {m['torch']} · "
-             f"triton {m['triton']} · python {m['python']}", "",
-             f"Tests (`{tests['command']}`): {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
-             f"{tests.get('skipped', 0)} skipped in {tests['seconds']} s."]
+    lines = [
+        "# gpu-check",
+        "",
+        f"GPU: {', '.join(m['gpus'])} · driver {m['driver']} · CUDA {m['cuda']} · torch {m['torch']} · "
+        f"triton {m['triton']} · python {m['python']}",
+        "",
+        f"Tests (`{tests['command']}`): {tests.get('passed', 0)} passed, {tests.get('failed', 0)} failed, "
+        f"{tests.get('skipped', 0)} skipped in {tests['seconds']} s.",
+    ]
     lines += [f"- FAIL {f}" for f in tests.get("failures", [])]
     lines += ["", "| target | shape | ratio | limit | verdict |", "|---|---|---|---|---|"]
     for row in summary["bench"].get("results", []):
         assessed = assess(row)
         for peer, verdict in assessed["verdicts"].items():
             low, high = assessed["intervals"][peer]
-            lines.append(f"| {row['family']} {row['mode']} ÷{peer} | {row['label']} | "
-                         f"{assessed['ratios'][peer]:.2f} ({low:.2f}–{high:.2f}) | {row['targets'][peer]:.2f} | {verdict} |")
+            lines.append(
+                f"| {row['family']} {row['mode']} ÷{peer} | {row['label']} | "
+                f"{assessed['ratios'][peer]:.2f} ({low:.2f}–{high:.2f}) | {row['targets'][peer]:.2f} | {verdict} |"
+            )
     lines += ["", f"Stages (s): {summary['seconds']}"]
     return "\n".join(lines) + "\n"
 
 
-def main(args) -> int:
+def main(args: argparse.Namespace) -> int:
     import torch
 
     if not torch.cuda.is_available():
@@ -168,7 +192,8 @@ def main(args) -> int:
         json.dump(summary, f, indent=1)
     with open(os.path.join(args.out, "gpu-check.md"), "w") as f:
         f.write(summary_markdown(summary))
-    say(f"targets met: {verdicts.count('PASS')} of {len(verdicts)} ({verdicts.count('noisy')} noisy); wrote {args.out}/gpu-check.md and gpu-check.json "
-        f"in {summary['seconds']['total']} s")
+    say(
+        f"targets met: {verdicts.count('PASS')} of {len(verdicts)} ({verdicts.count('noisy')} noisy); "
+        f"wrote {args.out}/gpu-check.md and gpu-check.json in {summary['seconds']['total']} s"
+    )
     return 0 if summary["tests"].get("failed", 1) == 0 and summary["tests"]["exit"] == 0 else 1
-

@@ -17,12 +17,12 @@ import math
 import os
 import re
 from collections.abc import Mapping
-from typing import Dict, List, Optional
+from typing import Any
 
 from torch import Tensor, nn
 
-from .convert import _replace, lors_structure, restore_lors
-from .lors_linear.module import LorsLinear
+from .convert import lors_structure, replace_modules, restore_lors
+from .static import LorsLinear
 
 __all__ = ["from_pretrained", "load_lora", "load_model", "lora_scaling", "register_peft", "save_model"]
 
@@ -32,7 +32,7 @@ def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
     return lora_alpha / (math.sqrt(r) if use_rslora else r)
 
 
-def register_peft(config):
+def register_peft(config: Any) -> Any:
     """Let ``peft.get_peft_model(model, config)`` adapt LorsLinear layers (``config`` a peft LoraConfig; returned).
 
     PEFT's own LoRA layer wraps a LorsLinear as it wraps an nn.Linear (through PEFT's experimental custom
@@ -48,8 +48,10 @@ def register_peft(config):
     return config
 
 
-_LORA_KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?"
-                       r"\.(?P<kind>weight|bias)$")
+_LORA_KEY = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<factor>[AB])(?:\.(?P<adapter>[^.]+))?"
+    r"\.(?P<kind>weight|bias)$"
+)
 
 
 def _matches_pattern(pattern: str, name: str) -> bool:
@@ -58,7 +60,7 @@ def _matches_pattern(pattern: str, name: str) -> bool:
     return re.match(rf"(.*\.)?({pattern})$", name) is not None
 
 
-def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optional[str] = None) -> List[str]:
+def load_lora(model: nn.Module, state_dict: Mapping, config: Any, adapter_name: str | None = None) -> list[str]:
     """Apply a PEFT LoRA adapter to ``model`` in place, without PEFT: each adapted nn.Linear becomes
     ``LorsLinear.from_lora`` of its weight and bias with down = lora_A, up = lora_B (+ lora_B's bias),
     scaling from ``config`` and dropout = lora_dropout. The outputs equal PEFT's model with that adapter.
@@ -74,7 +76,7 @@ def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optio
     get = config.get if isinstance(config, Mapping) else lambda key, default=None: getattr(config, key, default)
     if get("use_dora", False):
         raise ValueError("load_lora: a DoRA adapter (use_dora) is not plain LoRA; LorsLinear holds plain LoRA only")
-    factors: Dict[str, Dict[str, Tensor]] = {}
+    factors: dict[str, dict[str, Tensor]] = {}
     adapters, other = set(), []
     for key, value in state_dict.items():
         match = _LORA_KEY.match(key)
@@ -85,14 +87,19 @@ def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optio
         if adapter_name is None or match["adapter"] in (None, adapter_name):
             factors.setdefault(match["module"], {})[match["factor"] + "." + match["kind"]] = value
     if other:
-        raise ValueError(f"load_lora: tensors that are not plain LoRA lora_A / lora_B: {other[:4]} (embedding or "
-                         "variant adapters are not supported; load modules_to_save with load_state_dict)")
+        raise ValueError(
+            f"load_lora: tensors that are not plain LoRA lora_A / lora_B: {other[:4]} (embedding or "
+            "variant adapters are not supported; load modules_to_save with load_state_dict)"
+        )
     if adapter_name is None and len(adapters - {None}) > 1:
-        raise ValueError(f"load_lora: the state dict holds adapters {sorted(a for a in adapters if a)}: "
-                         "give adapter_name")
+        raise ValueError(
+            f"load_lora: the state dict holds adapters {sorted(a for a in adapters if a)}: give adapter_name"
+        )
     if not factors:
-        raise ValueError("load_lora: no lora_A / lora_B tensors in the state dict"
-                         + (f" for adapter {adapter_name!r}" if adapter_name else ""))
+        raise ValueError(
+            "load_lora: no lora_A / lora_B tensors in the state dict"
+            + (f" for adapter {adapter_name!r}" if adapter_name else "")
+        )
     alpha_pattern = get("alpha_pattern") or {}
     new, names = {}, []
     for name, pair in factors.items():
@@ -110,15 +117,16 @@ def load_lora(model: nn.Module, state_dict: Mapping, config, adapter_name: Optio
         bias = None if linear.bias is None else linear.bias.detach()
         if "B.bias" in pair:  # PEFT's lora_bias: scaled like the pair
             bias = (0 if bias is None else bias) + scaling * pair["B.bias"].to(linear.weight)
-        layer = LorsLinear.from_lora(linear.weight.detach(), down, up, bias, scaling=scaling,
-                                     dropout=get("lora_dropout", 0.0) or 0.0)
+        layer = LorsLinear.from_lora(
+            linear.weight.detach(), down, up, bias, scaling=scaling, dropout=get("lora_dropout", 0.0) or 0.0
+        )
         new[id(linear)] = layer.train(linear.training)
         names.append(name)
-    _replace(model, new)
+    replace_modules(model, new)
     return names
 
 
-def from_pretrained(model_class, directory: str, **kwargs) -> nn.Module:
+def from_pretrained(model_class: type, directory: str, **kwargs: Any) -> nn.Module:
     """A converted Hugging Face model back from its ``save_pretrained`` directory: the architecture from
     config.json (``model_class.from_config``, or ``_from_config`` for a concrete class; ``kwargs`` go
     to it), the LORS stacks from its ``lors`` entry, then the weights (one safetensors file or shards),
@@ -129,8 +137,10 @@ def from_pretrained(model_class, directory: str, **kwargs) -> nn.Module:
         raise ValueError(f"from_pretrained: {directory!r} is not a directory (save_pretrained's output)")
     config = AutoConfig.from_pretrained(directory)
     if getattr(config, "lors", None) is None:
-        raise ValueError(f"from_pretrained: {directory}/config.json has no 'lors' entry: not a model converted by "
-                         "lorsify (set model.config.lors = lors_structure(model) before save_pretrained)")
+        raise ValueError(
+            f"from_pretrained: {directory}/config.json has no 'lors' entry: not a model converted by "
+            "lorsify (set model.config.lors = lors_structure(model) before save_pretrained)"
+        )
     build = getattr(model_class, "from_config", None) or model_class._from_config
     model = restore_lors(build(config, **kwargs))
     index = os.path.join(directory, "model.safetensors.index.json")
@@ -164,7 +174,7 @@ def load_model(model: nn.Module, filename: str) -> nn.Module:
     return model
 
 
-def _load_files(model: nn.Module, files: List[str]) -> None:
+def _load_files(model: nn.Module, files: list[str]) -> None:
     """Load safetensors files into ``model``; each key must land, and every tensor of the model be found
     in one of the files (aliases of a loaded tensor, such as tied embeddings, count as found)."""
     from safetensors.torch import load_model as load

@@ -24,16 +24,20 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import inspect
 import math
-from typing import Callable, Optional
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any, ParamSpec
 
 import torch
 
 from . import backend
 
+P = ParamSpec("P")
+
 
 def shape_str(t: torch.Tensor) -> str:
-    """"[2, 3]" for error messages that name the shapes they saw."""
+    """ "[2, 3]" for error messages that name the shapes they saw."""
     return "[" + ", ".join(str(s) for s in t.shape) + "]"
 
 
@@ -58,15 +62,14 @@ class Impl:
     """
 
     backend: str  # "triton", "native" or "reference"
-    device: Optional[str]  # "cuda" or "cpu"; None: any (the reference)
+    device: str | None  # "cuda" or "cpu"; None: any (the reference)
     forward: Callable
-    backward: Optional[Callable] = None
+    backward: Callable | None = None
     fits: Callable = _always
     wins: Callable = _always
     auto: bool = True  # False: runs only when its backend is forced
-    train: Optional[Callable] = None  # the forward of a recording call: fills outputs the backward reads
-    eager: Optional[Callable] = None  # a PyTorch forward recorded by autograd itself (eager calls only)
-    layout: Optional[str] = None  # "dense": contiguous inputs; "rows": unit-stride last dims
+    train: Callable | None = None  # the forward of a recording call: fills outputs the backward reads
+    eager: Callable | None = None  # a PyTorch forward recorded by autograd itself (eager calls only)
     takes: str = ""  # what it takes, for the error when it is forced and does not fit
 
     def of(self, forced: str) -> bool:
@@ -81,7 +84,7 @@ class Impl:
         return device.type == self.device and backend.native() is not None
 
 
-def cuda_time_ms(fn: Callable, args, calls: int = 5) -> float:
+def cuda_time_ms(fn: Callable, args: tuple, calls: int = 5) -> float:
     """Median of `calls` timed calls of fn(*args) after one warm-up (CUDA events)."""
     fn(*args)
     times = []
@@ -101,12 +104,12 @@ class Measured:
     calls read it. ``key(case)`` is the shape class (dtype included). Nothing is timed while a CUDA graph
     is captured (an untimed class then takes this implementation), nor off CUDA devices."""
 
-    def __init__(self, key: Callable, rival: str = "reference", timer: Callable = cuda_time_ms):
+    def __init__(self, key: Callable, rival: str = "reference", timer: Callable = cuda_time_ms) -> None:
         self.key, self.rival, self.timer = key, rival, timer
         self.verdicts: dict = {}
         self.op = self.impl = None  # set by the Op that lists it
 
-    def __call__(self, case) -> bool:
+    def __call__(self, case: tuple) -> bool:
         device = _device(case)
         if device.type != "cuda":
             return True
@@ -125,18 +128,10 @@ class Measured:
 def _parse(name: str, schema: str):
     """(argument declarations as written, argument names, output names) of ``(args) -> outputs``."""
     parsed = torch._C.parse_schema(f"lors::{name}{schema}")
-    declared = schema[schema.index("(") + 1:schema.rindex(")", 0, schema.index("->"))]
+    declared = schema[schema.index("(") + 1 : schema.rindex(")", 0, schema.index("->"))]
     names = [a.name for a in parsed.arguments]
     outputs = [r.name or "out" for r in parsed.returns]
     return declared, names, outputs
-
-
-def _laid_out(t, layout: str):
-    if not isinstance(t, torch.Tensor):
-        return t
-    if layout == "rows":
-        return t if t.dim() == 0 or t.stride(-1) == 1 else t.contiguous()
-    return t.contiguous()
 
 
 def _device(args) -> torch.device:
@@ -150,9 +145,7 @@ def _capturing(device: torch.device) -> bool:
 
 
 def _run(impl: Impl, fn: Callable, args, device: torch.device):
-    """One call of an implementation: inputs laid out as it asks, launches on the inputs' device."""
-    if impl.layout is not None:
-        args = [_laid_out(a, impl.layout) for a in args]
+    """One call of an implementation, launching on the inputs' device."""
     if device.type == "cuda" and impl.backend != "reference":
         with torch.cuda.device(device):
             return fn(*args)
@@ -162,7 +155,19 @@ def _run(impl: Impl, fn: Callable, args, device: torch.device):
 class Op:
     """A defined op, called with the schema's arguments; ``route(*args)`` tells which implementation runs."""
 
-    def __init__(self, name, schema, *, check, fake, impls, returns, grads, save, validate):
+    def __init__(
+        self,
+        name: str,
+        schema: str,
+        *,
+        check: Callable,
+        fake: Callable,
+        impls: Iterable[Impl],
+        returns: int | None,
+        grads: Sequence[str],
+        save: Sequence[str],
+        validate: Callable | None,
+    ) -> None:
         self.name = name
         declared, self.args, self.outputs = _parse(name, schema)
         self.impls = tuple(impls)
@@ -184,22 +189,28 @@ class Op:
         self.op.register_fake(self._fake_forward(fake))
         if grads:
             backward_schema = f"(Tensor[] grads, Tensor[] outputs, bool[] needs, {declared}) -> Tensor[]"
-            self.backward_op = torch.library.custom_op(f"lors::{name}_backward", self._op_backward,
-                                                       mutates_args=(), schema=backward_schema)
+            self.backward_op = torch.library.custom_op(
+                f"lors::{name}_backward", self._op_backward, mutates_args=(), schema=backward_schema
+            )
             self.backward_op.register_fake(self._fake_backward)
             self.op.register_autograd(self._compiled_backward, setup_context=self._setup)
 
     # ---------------------------------------------------------------------------------- choosing
 
-    def route(self, *args) -> Impl:
+    def route(self, *args: Any) -> Impl:
         """The implementation that runs this call: the override if any, else the automatic choice."""
         case, device = self.Case(*args), _device(args)
         forced = backend.forced_backend()
         if forced is None:
             kind = device.type
             for impl in self.impls:  # the reference, last, takes every case
-                if (impl.auto and impl.device in (kind, None) and impl.runs_on(device, False) and impl.fits(case)
-                        and impl.wins(case)):
+                if (
+                    impl.auto
+                    and impl.device in (kind, None)
+                    and impl.runs_on(device, False)
+                    and impl.fits(case)
+                    and impl.wins(case)
+                ):
                     return impl
         chosen = [impl for impl in self.impls if impl.of(forced)]
         if forced == "cuda" and device.type != "cuda":
@@ -213,12 +224,16 @@ class Op:
 
     def _refusal(self, forced: str, chosen, device: torch.device) -> str:
         if forced == "triton" and not backend.triton_runs_on(device):
-            return (f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: "
-                    + ("triton is not installed" if not backend.triton_available() else
-                       "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors"))
+            return f"lors_kernels backend 'triton' cannot run on {device.type} tensors here: " + (
+                "triton is not installed"
+                if not backend.triton_available()
+                else "set TRITON_INTERPRET=1 before importing lors_kernels to run Triton on CPU tensors"
+            )
         if forced == "cuda" and device.type != "cuda":
-            return (f"lors_kernels backend 'cuda' runs the native CUDA kernels, on CUDA tensors; this call of "
-                    f"{self.name} is on {device.type} (backend 'native' runs the C++ CPU kernels)")
+            return (
+                f"lors_kernels backend 'cuda' runs the native CUDA kernels, on CUDA tensors; this call of "
+                f"{self.name} is on {device.type} (backend 'native' runs the C++ CPU kernels)"
+            )
         if forced in ("native", "cuda") and backend.native() is None:
             why = f"extension not built: {backend.native_error()}"
         else:
@@ -228,7 +243,7 @@ class Op:
 
     # ------------------------------------------------------------------------------------ eager
 
-    def __call__(self, *args):
+    def __call__(self, *args: Any) -> Any:
         if torch.compiler.is_compiling():
             return self._visible(self.op(*args))
         self.check(*args)
@@ -249,7 +264,7 @@ class Op:
     def _visible(self, outputs):
         if len(self.outputs) == 1 or self.returns == len(self.outputs):
             return outputs
-        return outputs[0] if self.returns == 1 else outputs[:self.returns]
+        return outputs[0] if self.returns == 1 else outputs[: self.returns]
 
     def _twin(self):
         op = self
@@ -263,24 +278,26 @@ class Op:
         def backward(ctx, *grads):
             needs = ctx.needs_input_grad[1:]
             inputs, outputs = op._unpack(ctx)
-            result = op._backward(ctx.impl, inputs, outputs, [needs[i] for i in op.grads], grads[:op.returns])
+            result = op._backward(ctx.impl, inputs, outputs, [needs[i] for i in op.grads], grads[: op.returns])
             return None, *op._spread(result, needs)
 
         # Built by type() so that autograd names its nodes after the op (LorsLinearFunctionBackward).
         title = "".join(part.title() for part in self.name.split("_")) + "Function"
-        return type(title, (torch.autograd.Function,),
-                    {"forward": staticmethod(forward), "backward": staticmethod(backward)})
+        return type(
+            title, (torch.autograd.Function,), {"forward": staticmethod(forward), "backward": staticmethod(backward)}
+        )
 
     # ---------------------------------------------------------------------------- saving for backward
 
     def _setup(self, ctx, inputs, output):
         """Keep the inputs and the outputs the backward reads (torch.library's setup_context signature)."""
         outputs = output if isinstance(output, tuple) else (output,)
-        hidden = outputs[self.returns:]
+        hidden = outputs[self.returns :]
         if hidden:
             ctx.mark_non_differentiable(*hidden)
-        ctx.save_for_backward(*[a if isinstance(a, torch.Tensor) else None for a in inputs],
-                              *[outputs[i] for i in self.saved_outputs])
+        ctx.save_for_backward(
+            *[a if isinstance(a, torch.Tensor) else None for a in inputs], *[outputs[i] for i in self.saved_outputs]
+        )
         ctx.constants = [None if isinstance(a, torch.Tensor) else a for a in inputs]
 
     def _unpack(self, ctx):
@@ -291,9 +308,7 @@ class Op:
         return [t if c is None else c for t, c in zip(tensors[:n], ctx.constants)], tensors[n:]
 
     def _backward(self, impl: Impl, args, outputs, needs, grads):
-        """impl's backward, given the inputs (laid out for it) and saved outputs by name."""
-        if impl.layout is not None:
-            args = [_laid_out(a, impl.layout) for a in args]
+        """impl's backward, given the inputs and saved outputs by name."""
         saved = self.Saved(*args, *outputs, self.Needs(*needs))
         return _run(impl, impl.backward, (saved, *grads), _device(args))
 
@@ -327,7 +342,7 @@ class Op:
     def _compiled_backward(self, ctx, *grads):
         needs = [bool(ctx.needs_input_grad[i]) for i in self.grads]
         inputs, outputs = self._unpack(ctx)
-        result = self.backward_op(list(grads[:self.returns]), list(outputs), needs, *inputs)
+        result = self.backward_op(list(grads[: self.returns]), list(outputs), needs, *inputs)
         return tuple(self._spread(result, ctx.needs_input_grad))
 
     def _op_backward(self, grads, outputs, needs, *args):
@@ -335,12 +350,23 @@ class Op:
         return [g.contiguous() if need else grads[0].new_empty(0) for g, need in zip(result, needs)]
 
     def _fake_backward(self, grads, outputs, needs, *args):
-        return [args[i].new_empty(args[i].shape) if need else grads[0].new_empty(0)
-                for i, need in zip(self.grads, needs)]
+        return [
+            args[i].new_empty(args[i].shape) if need else grads[0].new_empty(0) for i, need in zip(self.grads, needs)
+        ]
 
 
-def define_op(name: str, schema: str, *, check: Callable, fake: Callable, impls, returns: Optional[int] = None,
-              grads=(), save=(), validate: Optional[Callable] = None) -> Op:
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    check: Callable,
+    fake: Callable,
+    impls: Iterable[Impl],
+    returns: int | None = None,
+    grads: Iterable[str] = (),
+    save: Iterable[str] = (),
+    validate: Callable | None = None,
+) -> Op:
     """Define the op ``lors::<name>``.
 
     schema: ``"(Tensor x, ..., float scaling) -> Tensor"`` (name multiple outputs: ``-> (Tensor out,
@@ -351,32 +377,44 @@ def define_op(name: str, schema: str, *, check: Callable, fake: Callable, impls,
     public call returns (the others only feed the backward). grads: the inputs that get gradients.
     save: the outputs the backward reads (the inputs are always saved).
     """
-    return Op(name, schema, check=check, fake=fake, impls=impls, returns=returns, grads=tuple(grads),
-              save=tuple(save), validate=validate)
+    return Op(
+        name,
+        schema,
+        check=check,
+        fake=fake,
+        impls=impls,
+        returns=returns,
+        grads=tuple(grads),
+        save=tuple(save),
+        validate=validate,
+    )
 
 
-def public(op: Op, finish: Optional[Callable] = None):
+def public(op: Op, finish: Callable | None = None) -> Callable[[Callable[P, tuple]], Callable[P, Any]]:
     """Decorator making the public function of ``op`` from ``arguments``, a function with the public
     signature and docstring that returns the op's arguments (its schema's, in order).
 
-    The public function calls the op on them and returns its outputs, or ``finish(outputs, *args,
-    **kwargs)`` given the public arguments. Its ``route(*args, **kwargs)`` takes the public arguments
-    too: the implementation that call takes (its inputs checked as the call checks them), without
-    running it.
+    The decorated function keeps the parameters of ``arguments`` but returns the op's outputs (one tensor
+    or a tuple of them), not its arguments: it calls the op on what ``arguments`` returns and returns the
+    outputs, or ``finish(outputs, *args, **kwargs)`` given the public arguments. Its ``route(*args,
+    **kwargs)`` takes the public arguments too: the implementation that call takes (its inputs checked as
+    the call checks them), without running it.
     """
 
-    def make(arguments: Callable) -> Callable:
+    def make(arguments: Callable[P, tuple]) -> Callable[P, Any]:
         @functools.wraps(arguments)
-        def function(*args, **kwargs):
+        def function(*args: P.args, **kwargs: P.kwargs) -> Any:
             outputs = op(*arguments(*args, **kwargs))
             return outputs if finish is None else finish(outputs, *args, **kwargs)
 
-        def route(*args, **kwargs) -> Impl:
+        def route(*args: P.args, **kwargs: P.kwargs) -> Impl:
             op_args = arguments(*args, **kwargs)
             op.check(*op_args)
             return op.route(*op_args)
 
         function.route = route
+        # help() and IDEs show the public parameters; what the call returns is the docstring's to say.
+        function.__signature__ = inspect.signature(arguments).replace(return_annotation=inspect.Signature.empty)
         return function
 
     return make

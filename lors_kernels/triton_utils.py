@@ -4,6 +4,8 @@ function that starts kernels (the AOT tests replace it to collect every launch d
 from __future__ import annotations
 
 import functools
+from collections.abc import Sequence
+from typing import Any
 
 import torch
 import triton
@@ -56,5 +58,12 @@ def grouped_tile(pid, M, N, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, GROUP_
     return first_pid_m + (pid % pids_in_group) % group_rows, (pid % pids_in_group) // group_rows
 
 
-def launch(kernel, grid, args, constexprs, num_warps, num_stages=1):
+def launch(
+    kernel: Any,
+    grid: tuple[int, ...],
+    args: Sequence[Any],
+    constexprs: dict[str, Any],
+    num_warps: int,
+    num_stages: int = 1,
+) -> None:
     kernel[grid](*args, **constexprs, num_warps=num_warps, num_stages=num_stages)

@@ -25,7 +25,6 @@ import subprocess
 import sys
 import tempfile
 
-import torch
 import triton
 from triton import knobs
 from triton._C.libtriton import native_specialize_impl
@@ -37,7 +36,6 @@ from triton.runtime.jit import JITFunction
 SHARED_LIMIT = {80: 163 * 1024, 90: 227 * 1024}
 # Bumped when a report's fields change, so that old cache entries are not read.
 CACHE_FORMAT = 1
-
 
 
 def _specialize(value):
@@ -61,14 +59,20 @@ class Launch:
                 self.constexprs[name] = spec
             elif isinstance(spec, str):
                 self.attrs[(i,)] = CUDABackend.parse_attr(spec)
-        for name in names[len(args):]:
+        for name in names[len(args) :]:
             self.signature[name] = "constexpr"
         self.num_warps = num_warps
         self.num_stages = num_stages
 
     def key(self):
-        return (self.fn.__name__, tuple(sorted(self.signature.items())), tuple(sorted(self.attrs)),
-                tuple(sorted((k, str(v)) for k, v in self.constexprs.items())), self.num_warps, self.num_stages)
+        return (
+            self.fn.__name__,
+            tuple(sorted(self.signature.items())),
+            tuple(sorted(self.attrs)),
+            tuple(sorted((k, str(v)) for k, v in self.constexprs.items())),
+            self.num_warps,
+            self.num_stages,
+        )
 
     def __repr__(self):
         flags = ",".join(f"{k}={v}" for k, v in self.constexprs.items())
@@ -93,10 +97,14 @@ def record_launches(module):
 
 
 def compile_launch(launch: Launch, capability: int):
-    src = triton.compiler.ASTSource(fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs,
-                                    attrs=launch.attrs)
-    return triton.compile(src, target=GPUTarget("cuda", capability, 32),
-                          options={"num_warps": launch.num_warps, "num_stages": launch.num_stages})
+    src = triton.compiler.ASTSource(
+        fn=launch.fn, signature=launch.signature, constexprs=launch.constexprs, attrs=launch.attrs
+    )
+    return triton.compile(
+        src,
+        target=GPUTarget("cuda", capability, 32),
+        options={"num_warps": launch.num_warps, "num_stages": launch.num_stages},
+    )
 
 
 def hopper_report(ptx: str, ptxas_log: str) -> dict:
@@ -122,8 +130,9 @@ def _report(launch: Launch, capability: int) -> dict:
 
 
 def _cache_path(launch: Launch, capability: int) -> str:
-    root = os.environ.get("LORS_KERNELS_AOT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                                      "lors_kernels", "aot")
+    root = os.environ.get("LORS_KERNELS_AOT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "lors_kernels", "aot"
+    )
     key = json.dumps([CACHE_FORMAT, triton.__version__, launch.fn.cache_key, repr(launch.key()), capability])
     return os.path.join(root, hashlib.sha256(key.encode()).hexdigest() + ".json")
 
@@ -171,8 +180,16 @@ def compile_cases(test_module: str) -> list:
     procs = []
     for worker in range(workers):
         code = f"import json, aot; print('AOT' + json.dumps(aot._compile_share({test_module!r}, {worker}, {workers})))"
-        procs.append(subprocess.Popen([sys.executable, "-c", code], cwd=here, env=env, text=True,
-                                      stdout=subprocess.PIPE, stderr=subprocess.PIPE))
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-c", code],
+                cwd=here,
+                env=env,
+                text=True,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+            )
+        )
     report = []
     for proc in procs:
         stdout, stderr = proc.communicate()

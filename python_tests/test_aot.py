@@ -48,8 +48,10 @@ def test_the_cache_key_holds_configuration_architecture_and_triton_version(compi
 
 
 def test_spills_are_read_from_the_ptxas_log():
-    log = ("ptxas info    : Function properties for kernel\n"
-           "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n")
+    log = (
+        "ptxas info    : Function properties for kernel\n"
+        "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n"
+    )
     assert aot.hopper_report("wgmma.mma_async.sync", log) == {"wgmma": True, "tma": False, "spills": 24}
     clean = "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
     assert aot.hopper_report("mma.sync cp.async.bulk.tensor", clean) == {"wgmma": False, "tma": True, "spills": 0}

@@ -1,48 +1,16 @@
-"""The main job, `python -m lors_kernels bench`: end to end on this machine in --quick mode, and its noise
-rule, table and plot on made-up timings."""
+"""lors_kernels/bench.py: its noise rule, rounds, table and plot on made-up timings, its default files,
+and every family's record."""
 
 import argparse
 import json
 import os
 import random
-import subprocess
-import sys
 
 import pytest
 import torch
 
 from lors_kernels import bench
-from lors_kernels.bench import families
-from lors_kernels.report import OURS, assess, format_table, noisy_line
-
-FAMILIES = list(families())
-
-
-def run_cli(*args):
-    return subprocess.run([sys.executable, "-m", "lors_kernels", *args], capture_output=True, text=True, check=False)
-
-
-def test_bench_quick_writes_table_json_and_plot(tmp_path):
-    json_path = tmp_path / "b.json"
-    out = run_cli("bench", "--quick", "--device", "cpu", "--json", str(json_path), "--plot", str(tmp_path / "b.png"))
-    assert out.returncode == 0, out.stderr[-2000:]
-    for family in FAMILIES:
-        assert f"\n{family}  (ratio = time ours / time peer" in out.stdout
-    report = json.loads(json_path.read_text())
-    assert report["machine"]["device"] == "cpu" and report["machine"]["torch"]
-    assert {r["family"] for r in report["results"]} == set(FAMILIES)
-    for row in report["results"]:
-        ours = row["times"]["lors_kernels"]
-        assert ours["median_ms"] > 0 and ours["q1_ms"] <= ours["median_ms"] <= ours["q3_ms"]
-        assert set(row["ratios"]) == set(row["times"]) - {"lors_kernels"}
-        assert ours["n"] >= bench.QUICK.min_rounds and ours["calls"] >= 1
-        assert set(row["paired"]) == set(row["intervals"]) == set(row["ratios"])
-        assert set(row["verdicts"]) == set(row["targets"])
-    assert out.stdout.rstrip().endswith(("rerun on an idle machine.", f"(of {len(report['results'])})."))
-    for family in FAMILIES:
-        png = tmp_path / f"b-{family}.png"
-        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 10_000
-
+from lors_kernels.report import OURS, format_table, noisy_line
 
 # Made-up timings: each provider returns the milliseconds it "takes", drawn uniformly and independently
 # from its range, and the clock reads them. ours/peer is judged against a target of 1.0; "other" has none.
@@ -65,12 +33,18 @@ def fake_bench(monkeypatch):
             def call():
                 calls.append((shape["case"], mode, name))
                 return rng.uniform(*SPREADS[shape["case"]][name])
+
             return call
+
         return {name: provider(name) for name in (OURS, "peer", "other")}
 
-    family = bench.Family("fake", lambda device, quick: [{"case": c} for c in SPREADS],
-                          lambda device: (OURS, "peer", "other"), build,
-                          targets=(bench.Target("peer", 1.0, "cpu"),))
+    family = bench.Family(
+        "fake",
+        lambda device, quick: [{"case": c} for c in SPREADS],
+        lambda device: (OURS, "peer", "other"),
+        build,
+        targets=(bench.Target("peer", 1.0, "cpu"),),
+    )
     monkeypatch.setattr(bench, "families", lambda: {"fake": family})
     monkeypatch.setattr(bench, "clock_for", lambda device: lambda fn, number: fn())
     # Rounds bounded by count, not by wall time: the same draws, and so the same verdicts, on a busy machine
@@ -104,25 +78,12 @@ def test_rounds_interleave_every_provider(fake_bench):
     bench.run(["fake"], "cpu", "fp32", quick=True, progress=False)
     for case in SPREADS:
         calls = [name for c, mode, name in fake_bench if (c, mode) == (case, "fwd")]
-        sampled = calls[3 * 4:]  # after each provider's warm-up call and three calibration calls
-        rounds = [tuple(sampled[i:i + 3]) for i in range(0, len(sampled), 3)]
-        assert len(rounds) >= bench.QUICK.min_rounds and all(sorted(r) == sorted((OURS, "peer", "other"))
-                                                             for r in rounds)
+        sampled = calls[3 * 4 :]  # after each provider's warm-up call and three calibration calls
+        rounds = [tuple(sampled[i : i + 3]) for i in range(0, len(sampled), 3)]
+        assert len(rounds) >= bench.QUICK.min_rounds and all(
+            sorted(r) == sorted((OURS, "peer", "other")) for r in rounds
+        )
         assert len(set(rounds)) == 3  # the order rotates
-
-
-def test_assess_reads_results_recorded_without_per_round_ratios():
-    """Older files have quartiles per provider only: the interval is what those allow. Per-round ratios,
-    where recorded, take precedence (load common to a round cancels in them)."""
-    row = {"times": {OURS: {"median_ms": 1.0, "q1_ms": 0.9, "q3_ms": 1.1},
-                     "peer": {"median_ms": 2.0, "q1_ms": 1.9, "q3_ms": 2.1}},
-           "targets": {"peer": 0.4}, "ratios": {"peer": 0.5}, "meets": {"peer": False}}
-    a = assess(row)
-    assert a["verdicts"] == {"peer": "FAIL"} and a["intervals"]["peer"] == pytest.approx([0.9 / 2.1, 1.1 / 1.9])
-    row["targets"] = {"peer": 0.5}
-    assert assess(row)["verdicts"] == {"peer": "noisy"}
-    row["paired"] = {"peer": {"median": 0.48, "q1": 0.47, "q3": 0.49}}
-    assert assess(row)["verdicts"] == {"peer": "PASS"} and assess(row)["ratios"] == {"peer": 0.48}
 
 
 def test_plot_draws_one_figure_per_family_without_lines_across_cases(fake_bench, tmp_path):
@@ -160,55 +121,6 @@ def test_quick_and_full_runs_write_to_different_default_files(fake_bench, tmp_pa
     assert out.rstrip().endswith("rows noisy: rerun on an idle machine.")
 
 
-def test_bench_bad_arguments_give_usage():
-    out = run_cli("bench", "--op", "nope")
-    assert out.returncode == 2 and "usage:" in out.stderr and "invalid choice" in out.stderr
-
-
-def test_readme_performance_section_is_generated_from_recorded_results(tmp_path):
-    """The README's numbers come from bench/results/*.json through the generator, never by hand."""
-    import shutil
-
-    from lors_kernels import report
-
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    readme, results = os.path.join(root, "README.md"), os.path.join(root, "bench", "results")
-    assert report.main(["--check", "--readme", readme, "--results", results]) == 0
-    text = open(readme).read()
-    for name in os.listdir(results):
-        if name.endswith(".json"):
-            assert f"### {name}" in text
-    stale, copied = tmp_path / "README.md", str(tmp_path / "bench" / "results")
-    shutil.copytree(results, copied)
-    stale.write_text(text.replace("| fwd |", "| fwd? |", 1))
-    assert report.main(["--check", "--readme", str(stale), "--results", copied]) == 1
-    assert report.main(["--readme", str(stale), "--results", copied]) == 0
-    assert stale.read_text() == text
-
-
-def test_report_says_when_a_recorded_run_has_no_command(tmp_path):
-    from lors_kernels import report
-
-    times = {OURS: {"median_ms": 1.0, "q1_ms": 1.0, "q3_ms": 1.0},
-             "peer": {"median_ms": 2.0, "q1_ms": 2.0, "q3_ms": 2.0}}
-    row = {"family": "f", "mode": "fwd", "label": "n=1", "targets": {}, "times": times}
-    machine = {"device": "cpu", "cpu": "x86_64", "threads": 2, "dtype": "fp32", "torch": "2", "triton": None,
-               "date": "today"}
-    run = {"machine": machine, "results": [row]}
-    (tmp_path / "old.json").write_text(json.dumps(run))
-    text = report.section(str(tmp_path), "results")
-    assert "Command not recorded." in text and "| fwd | n=1 | 1.0000 | 2.0000 | 0.50 (0.50–0.50) | - |  |" in text
-
-
-def test_report_regenerates_the_readme_without_torch():
-    """Rewriting the README's performance section needs only the recorded JSON: torch never imports."""
-    code = ("import sys; sys.modules['torch'] = None; from lors_kernels import report; "
-            "sys.exit(report.main(['--check']))")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                         cwd=os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-    assert out.returncode == 0, out.stderr[-2000:]
-
-
 def test_every_family_record_builds_its_cases():
     """Each Family's providers are what its cases build, ours first, and its targets name real peers."""
     from lors_kernels.bench import families
@@ -221,32 +133,3 @@ def test_every_family_record_builds_its_cases():
             assert list(case.providers) == list(family.providers("cpu")) and list(case.providers)[0] == OURS
         for target in family.targets:
             assert target.peer in family.providers(target.device), (family.name, target)
-
-
-def test_gpu_check_refuses_without_a_gpu_and_summarizes(tmp_path):
-    """gpu-check needs CUDA; its summary (tested on a made-up run) names the machine, every test failure
-    and every target's verdict."""
-    if not torch.cuda.is_available():
-        out = run_cli("gpu-check", "--out", str(tmp_path))
-        assert out.returncode != 0 and "no CUDA device" in out.stderr
-    from lors_kernels import gpu_check
-
-    xml = tmp_path / "tests.xml"
-    xml.write_text('<testsuites><testsuite><testcase classname="a" name="ok"/>'
-                   '<testcase classname="a" name="bad"><failure message="boom"/></testcase>'
-                   '<testcase classname="a" name="gpu"><skipped/></testcase></testsuite></testsuites>')
-    counts = gpu_check.junit_counts(str(xml))
-    assert (counts["passed"], counts["failed"], counts["skipped"]) == (1, 1, 1) and "a::bad: boom" in counts["failures"]
-    peer = "topk+gather+SDPA"
-    timed = {OURS: {"median_ms": 1.0, "q1_ms": 0.95, "q3_ms": 1.05}, peer: {"median_ms": 4.0, "q1_ms": 3.9, "q3_ms": 4.1}}
-    row = {"family": "hrca", "mode": "fwd", "label": "size=cityscapes", "times": timed, "targets": {peer: 1 / 3},
-           "paired": {peer: {"median": 0.25, "q1": 0.24, "q3": 0.26}}}
-    noisy = dict(row, label="size=ade", paired={peer: {"median": 0.3, "q1": 0.2, "q3": 0.4}})
-    summary = {"machine": {"gpus": ["H200"], "driver": "580", "cuda": "13.0", "torch": "2.11", "triton": "3.6",
-                           "python": "3.12"},
-               "tests": dict(counts, command="pytest", seconds=1.0), "bench": {"results": [row, noisy]},
-               "seconds": {"total": 2.0}}
-    text = gpu_check.summary_markdown(summary)
-    assert "H200 · driver 580" in text and "FAIL a::bad: boom" in text
-    assert "| hrca fwd ÷topk+gather+SDPA | size=cityscapes | 0.25 (0.24–0.26) | 0.33 | PASS |" in text
-    assert "| hrca fwd ÷topk+gather+SDPA | size=ade | 0.30 (0.20–0.40) | 0.33 | noisy |" in text

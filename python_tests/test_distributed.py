@@ -1,6 +1,5 @@
 """LORS stacks under DDP and FSDP2: two CPU processes (gloo) against one process on the whole batch."""
 
-import copy
 import os
 
 import pytest
@@ -61,8 +60,17 @@ class MixNet(nn.Module):
     def __init__(self):
         super().__init__()
         torch.manual_seed(0)
-        self.mixer = lk.LorsAdaptiveMixing(n_stages=2, query_dim=8, in_dim=8, in_points=4, out_points=4, n_groups=2,
-                                           rank=2, kernel_groups=[1, 2], out_rank=2)
+        self.mixer = lk.LorsAdaptiveMixing(
+            n_stages=2,
+            query_dim=8,
+            in_dim=8,
+            in_points=4,
+            out_points=4,
+            n_groups=2,
+            rank=2,
+            kernel_groups=[1, 2],
+            out_rank=2,
+        )
         for weight in (self.mixer.generator.weight, *(core.weight for core in self.mixer.cores)):
             nn.init.normal_(weight, std=0.1)
         self.head = nn.Linear(8, 3)
@@ -122,8 +130,7 @@ def run_workers(worker, tmp_path, *args):
 
 
 def init(rank, tmp):
-    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank,
-                            world_size=WORLD)
+    dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'store')}", rank=rank, world_size=WORLD)
 
 
 def finish(tmp, rank, results):
@@ -155,7 +162,7 @@ def ddp_worker(rank, tmp, mode):
         for x, skip in zip(batches(), skips):
             before = len(reduced)
             # (a reentrant checkpoint passes gradients only to inputs that require them)
-            rows = x[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD].requires_grad_()
+            rows = x[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD].requires_grad_()
             model(rows, skip=skip).square().mean().backward()
             per_step.append(sum(reduced[before:]))
             if grads is None:
@@ -177,12 +184,13 @@ def fsdp_worker(rank, tmp, units):
     model = MODELS[units]()
     shard_lors_model(model, units=UNITS.get(units), mesh=init_device_mesh("cpu", (WORLD,)))
     shared = {"adaptive": lambda: model.mixer.generator.weight, "layer": lambda: model.shared.weight}.get(
-        units, lambda: model.blocks[0].fc1.shared.weight)()
+        units, lambda: model.blocks[0].fc1.shared.weight
+    )()
     sharded = {"shared": tuple(shared.to_local().shape), "full": tuple(shared.full_tensor().shape)}
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     grads = None
     for x in batches():
-        model(x[rank * BATCH // WORLD:(rank + 1) * BATCH // WORLD]).square().mean().backward()
+        model(x[rank * BATCH // WORLD : (rank + 1) * BATCH // WORLD]).square().mean().backward()
         if grads is None:
             grads = {n: p.grad.full_tensor() for n, p in model.named_parameters()}
         opt.step()

@@ -23,7 +23,7 @@ def assert_same_function(ours, official, leaves, seed=0):
     expected = torch.autograd.grad(ref, leaves, grad, allow_unused=True)
     for i, (leaf, g, e) in enumerate(zip(leaves, got, expected)):  # no gradient: zero (an unused, empty core)
         g, e = (torch.zeros_like(leaf) if t is None else t for t in (g, e))
-        torch.testing.assert_close(g, e, **TOL, msg=lambda m: f"leaf {i} {tuple(leaf.shape)}: {m}")
+        torch.testing.assert_close(g, e, **TOL, msg=lambda m, i=i, leaf=leaf: f"leaf {i} {tuple(leaf.shape)}: {m}")
 
 
 def randomize(module, std=0.2, seed=0):
@@ -50,8 +50,9 @@ def official_factorized_mixing(p, stage, x, query, kernel_sizes, kernel_groups, 
     """LORS's FactorizedAdaptiveMixing.forward: common M/S from one generator, each stage's private
     sum of E @ Q @ F with Q generated per query, mixing, low-rank output projection, LayerNorm."""
     b, n, g, pts, c = x.shape
-    m_common, s_common = F.linear(query, p["common_w"], p["common_b"]).reshape(b * n, g, -1).split(
-        [c * c, pts * out_points], 2)
+    m_common, s_common = (
+        F.linear(query, p["common_w"], p["common_b"]).reshape(b * n, g, -1).split([c * c, pts * out_points], 2)
+    )
     k, groups = kernel_sizes[stage], kernel_groups[stage]
     cores = F.linear(query, p["private_w"][stage], p["private_b"][stage]).reshape(b * n, 2, g * groups, k, k)
     m_private = (p["ml"][stage][None] @ cores[:, 0] @ p["mr"][stage][None]).view(b * n, g, groups, c, c)
@@ -68,13 +69,22 @@ def official_factorized_mixing(p, stage, x, query, kernel_sizes, kernel_groups, 
 def official_names(mixer):
     """The official module's parameters, by its names, as tensors of ``mixer``."""
     stages = range(mixer.n_stages)
-    return {"common_w": mixer.generator.weight, "common_b": mixer.generator.bias,
-            "private_w": [mixer.cores[s].weight for s in stages], "private_b": [mixer.cores[s].bias for s in stages],
-            "ml": list(mixer.channel_left), "mr": list(mixer.channel_right), "sl": list(mixer.spatial_left),
-            "sr": list(mixer.spatial_right), "base_out": mixer.out_proj[0].shared.weight,
-            "out_A": [mixer.out_proj[s].down for s in stages], "out_B": [mixer.out_proj[s].up for s in stages],
-            "out_bias": [mixer.out_proj[s].bias for s in stages],
-            "norm_w": [mixer.norms[s].weight for s in stages], "norm_b": [mixer.norms[s].bias for s in stages]}
+    return {
+        "common_w": mixer.generator.weight,
+        "common_b": mixer.generator.bias,
+        "private_w": [mixer.cores[s].weight for s in stages],
+        "private_b": [mixer.cores[s].bias for s in stages],
+        "ml": list(mixer.channel_left),
+        "mr": list(mixer.channel_right),
+        "sl": list(mixer.spatial_left),
+        "sr": list(mixer.spatial_right),
+        "base_out": mixer.out_proj[0].shared.weight,
+        "out_A": [mixer.out_proj[s].down for s in stages],
+        "out_B": [mixer.out_proj[s].up for s in stages],
+        "out_bias": [mixer.out_proj[s].bias for s in stages],
+        "norm_w": [mixer.norms[s].weight for s in stages],
+        "norm_b": [mixer.norms[s].bias for s in stages],
+    }
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")  # a K = 0 stage has no core rows
@@ -82,24 +92,39 @@ def test_lors_adaptive_mixing_is_the_official_factorized_mixing():
     """Per-stage ranks (the config's kernel_sizes) and output ranks (mix_out_proj_ranks), a stage with
     K = 0, every parameter random: forward and all gradients equal the official computation."""
     kernel_sizes, kernel_groups, out_ranks = [2, 3, 4], [1, 0, 2], [3, 1, 2]
-    mixer = lk.LorsAdaptiveMixing(n_stages=3, query_dim=12, in_dim=8, in_points=3, out_points=5, n_groups=2,
-                                  rank=kernel_sizes, kernel_groups=kernel_groups, out_rank=out_ranks,
-                                  dtype=torch.float64)
+    mixer = lk.LorsAdaptiveMixing(
+        n_stages=3,
+        query_dim=12,
+        in_dim=8,
+        in_points=3,
+        out_points=5,
+        n_groups=2,
+        rank=kernel_sizes,
+        kernel_groups=kernel_groups,
+        out_rank=out_ranks,
+        dtype=torch.float64,
+    )
     randomize(mixer)
     p = official_names(mixer)
     for stage, (k, groups) in enumerate(zip(kernel_sizes, kernel_groups)):  # the official shapes
         assert p["ml"][stage].shape == (2 * groups, 4, k) and p["mr"][stage].shape == (2 * groups, k, 4)
         assert p["sl"][stage].shape == (2 * groups, 5, k) and p["sr"][stage].shape == (2 * groups, k, 3)
         assert p["private_w"][stage].shape == (2 * 2 * groups * k * k, 12)
-        assert p["out_A"][stage].shape == (out_ranks[stage], 2 * 5 * 4) and p["out_B"][stage].shape == (12, out_ranks[stage])
+        assert p["out_A"][stage].shape == (out_ranks[stage], 2 * 5 * 4) and p["out_B"][stage].shape == (
+            12,
+            out_ranks[stage],
+        )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     query = torch.randn(2, 3, 12, generator=g, dtype=torch.float64, requires_grad=True)
     leaves = [x, query, *mixer.parameters()]
     for stage in range(3):
-        assert_same_function(lambda: mixer(stage, x, query),
-                             lambda: official_factorized_mixing(p, stage, x, query, kernel_sizes, kernel_groups, 5),
-                             leaves, seed=stage)
+        assert_same_function(
+            lambda stage=stage: mixer(stage, x, query),
+            lambda stage=stage: official_factorized_mixing(p, stage, x, query, kernel_sizes, kernel_groups, 5),
+            leaves,
+            seed=stage,
+        )
 
 
 @pytest.mark.filterwarnings("ignore:Initializing zero-element tensors")
@@ -107,8 +132,17 @@ def test_lors_adaptive_mixing_init_is_the_official():
     """Generator weight and cores zero; E/F kaiming_uniform_ on the 3-D tensors (fan-in = size(1)*size(2));
     the output projection's down kaiming_uniform_ (fan-in = its input), up and biases zero."""
     torch.manual_seed(0)
-    mixer = lk.LorsAdaptiveMixing(n_stages=2, query_dim=32, in_dim=64, in_points=16, out_points=24, n_groups=2,
-                                  rank=[8, 12], kernel_groups=[2, 3], out_rank=[4, 6])
+    mixer = lk.LorsAdaptiveMixing(
+        n_stages=2,
+        query_dim=32,
+        in_dim=64,
+        in_points=16,
+        out_points=24,
+        n_groups=2,
+        rank=[8, 12],
+        kernel_groups=[2, 3],
+        out_rank=[4, 6],
+    )
     assert mixer.generator.weight.abs().sum() == 0
     for stage in range(2):
         assert mixer.cores[stage].weight.abs().sum() == 0 and mixer.cores[stage].bias.abs().sum() == 0
@@ -133,8 +167,9 @@ def test_lors_adaptive_mixing_per_stage_rank_errors():
 
 def test_adaptive_mixing_is_the_official_adamixer_operator_then_layernorm():
     """AdaMixer's AdaptiveMixing returns query + out_proj(mixed); the decoder stage norms it after."""
-    mixer = randomize(lk.AdaptiveMixing(in_dim=8, in_points=3, out_points=5, n_groups=2, query_dim=10,
-                                        dtype=torch.float64))
+    mixer = randomize(
+        lk.AdaptiveMixing(in_dim=8, in_points=3, out_points=5, n_groups=2, query_dim=10, dtype=torch.float64)
+    )
     g = torch.Generator().manual_seed(1)
     x = torch.randn(2, 3, 2, 3, 4, generator=g, dtype=torch.float64, requires_grad=True)
     query = torch.randn(2, 3, 10, generator=g, dtype=torch.float64, requires_grad=True)
@@ -193,7 +228,7 @@ def test_lors_stack_is_the_official_vit_attention():
         return F.linear(out, proj[0].shared.weight + proj[l].up @ proj[l].down, proj[l].bias)
 
     for l in range(2):
-        assert_same_function(lambda: ours(l), lambda: official(l), leaves, seed=l)
+        assert_same_function(lambda l=l: ours(l), lambda l=l: official(l), leaves, seed=l)
 
 
 def test_shared_weight_inits():
@@ -217,15 +252,14 @@ def faseg_window_partition(x, ws):
     return x.view(b, c, h // ws, ws, w // ws, ws).permute(0, 2, 4, 3, 5, 1).reshape(-1, ws, ws, c)
 
 
-def faseg_high_resolution_layer(mha, norm, output, fg_src, fg_pos, cg_attn, query_embed, n_low, omega_rate,
-                                order=None):
+def faseg_high_resolution_layer(mha, norm, output, fg_src, fg_pos, cg_attn, query_embed, n_low, omega_rate, order=None):
     """FASeg's sparse high-resolution branch (sequence-first): sort the query-summed low-res attention, take
     the n_low // omega_rate best windows of the stride-4 map and its positions, run
     CrossAttentionLayerFASeg (nn.MultiheadAttention, residual, LayerNorm) on them."""
     bs, c = fg_src.shape[:2]
     indexes = cg_attn.sum(1).sort(dim=-1, descending=True).indices if order is None else order
     ws = int((fg_src.shape[-1] * fg_src.shape[-2] // n_low) ** 0.5)
-    keep = indexes[..., :n_low // omega_rate][..., None, None].expand(-1, -1, ws * ws, c)
+    keep = indexes[..., : n_low // omega_rate][..., None, None].expand(-1, -1, ws * ws, c)
     src = torch.gather(faseg_window_partition(fg_src, ws).view(bs, -1, ws * ws, c), 1, keep).view(bs, -1, c)
     pos = torch.gather(faseg_window_partition(fg_pos, ws).view(bs, -1, ws * ws, c), 1, keep).view(bs, -1, c)
     src, pos = src.permute(1, 0, 2), pos.permute(1, 0, 2)
@@ -237,9 +271,13 @@ def faseg_inputs(bs=2, n=5, c=16, low_hw=(2, 4), ws=4, seed=0):
     g = torch.Generator().manual_seed(seed)
     high_hw = (low_hw[0] * ws, low_hw[1] * ws)
     leaf = lambda *shape: torch.randn(*shape, generator=g, dtype=torch.float64).requires_grad_()  # noqa: E731
-    return dict(output=leaf(n, bs, c), fg_src=leaf(bs, c, *high_hw), fg_pos=leaf(bs, c, *high_hw),
-                cg_attn=torch.rand(bs, n, low_hw[0] * low_hw[1], generator=g, dtype=torch.float64).softmax(-1),
-                query_embed=leaf(n, bs, c)), high_hw
+    return dict(
+        output=leaf(n, bs, c),
+        fg_src=leaf(bs, c, *high_hw),
+        fg_pos=leaf(bs, c, *high_hw),
+        cg_attn=torch.rand(bs, n, low_hw[0] * low_hw[1], generator=g, dtype=torch.float64).softmax(-1),
+        query_embed=leaf(n, bs, c),
+    ), high_hw
 
 
 def ours_as_faseg(layer, norm, inputs, low_hw, high_hw):
@@ -264,11 +302,15 @@ def test_high_res_cross_attention_is_fasegs_branch(omega_rate):
     for name, p in layer.named_parameters():  # one set of leaves: FASeg's module holds ours
         module, _, attr = name.rpartition(".")
         setattr(mha.get_submodule(module), attr, p)
-    leaves = [inputs[k] for k in ("output", "fg_src", "fg_pos", "query_embed")] + [*layer.parameters(),
-                                                                                 *norm.parameters()]
-    assert_same_function(lambda: ours_as_faseg(layer, norm, inputs, (2, 4), high_hw),
-                         lambda: faseg_high_resolution_layer(mha, norm, **inputs, n_low=8, omega_rate=omega_rate),
-                         leaves)
+    leaves = [inputs[k] for k in ("output", "fg_src", "fg_pos", "query_embed")] + [
+        *layer.parameters(),
+        *norm.parameters(),
+    ]
+    assert_same_function(
+        lambda: ours_as_faseg(layer, norm, inputs, (2, 4), high_hw),
+        lambda: faseg_high_resolution_layer(mha, norm, **inputs, n_low=8, omega_rate=omega_rate),
+        leaves,
+    )
 
 
 def test_faseg_ties_and_empty_selection():
@@ -282,7 +324,10 @@ def test_faseg_ties_and_empty_selection():
     layer.load_state_dict(mha.state_dict())
     inputs, high_hw = faseg_inputs(low_hw=(2, 8))
     tied = torch.tensor([0.0, 3, 1, 3, 0, 3, 2, 3, 0, 0, 1, 2, 3, 0, 1, 1], dtype=torch.float64)
-    for scores, straddles in ((tied, True), (tied.clone().index_put_((torch.tensor([5, 7]),), torch.tensor([2.0, 2.5], dtype=torch.float64)), False)):
+    for scores, straddles in (
+        (tied, True),
+        (tied.clone().index_put_((torch.tensor([5, 7]),), torch.tensor([2.0, 2.5], dtype=torch.float64)), False),
+    ):
         inputs["cg_attn"] = (scores / 5).expand(2, 5, 16)  # k = 16 // 4 = 4 cells
         ours = ours_as_faseg(layer, norm, inputs, (2, 8), high_hw)
         stable = inputs["cg_attn"].sum(1).sort(dim=-1, descending=True, stable=True).indices

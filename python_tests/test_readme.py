@@ -42,8 +42,15 @@ def readme_blocks():
             mark = re.match(r"<!--\s*readme-test:\s*(.*?)\s*-->", lines[i - 1])
             language = fence.group(1)
             seen[section, language] += 1
-            blocks.append(Block(f"{section}-{seen[section, language]}", language, i + 2,
-                                "\n".join(lines[i + 1:end]) + "\n", set(mark.group(1).split()) if mark else set()))
+            blocks.append(
+                Block(
+                    f"{section}-{seen[section, language]}",
+                    language,
+                    i + 2,
+                    "\n".join(lines[i + 1 : end]) + "\n",
+                    set(mark.group(1).split()) if mark else set(),
+                )
+            )
             i = end
         i += 1
     return blocks
@@ -73,8 +80,14 @@ def fresh_state(use_backend):
         torch.distributed.destroy_process_group()
 
 
-@pytest.mark.parametrize("block", [pytest.param(b, id=b.id, marks=[getattr(pytest.mark, m) for m in sorted(b.marks)])
-                                   for b in BLOCKS if b.language == "python"])
+@pytest.mark.parametrize(
+    "block",
+    [
+        pytest.param(b, id=b.id, marks=[getattr(pytest.mark, m) for m in sorted(b.marks)])
+        for b in BLOCKS
+        if b.language == "python"
+    ],
+)
 def test_python_block(block, fresh_state):
     # Padded so that a traceback names the README's own line numbers.
     code = compile("\n" * (block.line - 1) + block.source, str(README), "exec")
@@ -138,9 +151,14 @@ def test_bash_block(block):
             pytest.fail(f"{block.id}: no check for {shlex.join(argv)}; add one to {Path(__file__).name}")
     if not pytest_lines:
         return
-    result = subprocess.run([sys.executable, "-c", PARSE_PYTEST, json.dumps(pytest_lines)], cwd=ROOT,
-                            capture_output=True, text=True, timeout=300)
-    parsed = [json.loads(line[len("parsed:"):]) for line in result.stdout.splitlines() if line.startswith("parsed:")]
+    result = subprocess.run(
+        [sys.executable, "-c", PARSE_PYTEST, json.dumps(pytest_lines)],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    parsed = [json.loads(line[len("parsed:") :]) for line in result.stdout.splitlines() if line.startswith("parsed:")]
     assert len(parsed) == len(pytest_lines), result.stdout + result.stderr
     for args, (code, paths) in zip(pytest_lines, parsed):
         assert code == 0, f"pytest {shlex.join(args)}: exit {code}\n{result.stdout}{result.stderr}"

@@ -27,10 +27,12 @@ def scaled_relu_kernel(x_ptr, y_ptr, n, scale, BLOCK: tl.constexpr):
 
 
 def triton_scaled_relu(x, scale):
+    x = x.contiguous()  # the kernel indexes x flat
     y = torch.empty_like(x)
     if x.numel():
-        triton_utils.launch(scaled_relu_kernel, (triton.cdiv(x.numel(), 1024),), (x, y, x.numel(), scale),
-                            dict(BLOCK=1024), num_warps=4)
+        triton_utils.launch(
+            scaled_relu_kernel, (triton.cdiv(x.numel(), 1024),), (x, y, x.numel(), scale), dict(BLOCK=1024), num_warps=4
+        )
     return y
 
 
@@ -44,12 +46,22 @@ def scaled_relu_backward(c, grad):
 
 
 scaled_relu_op = define_op(
-    "test_scaled_relu", "(Tensor x, float scale) -> Tensor",
-    check=check_scaled_relu, fake=lambda x, scale: torch.empty_like(x, memory_format=torch.contiguous_format),
+    "test_scaled_relu",
+    "(Tensor x, float scale) -> Tensor",
+    check=check_scaled_relu,
+    fake=lambda x, scale: torch.empty_like(x, memory_format=torch.contiguous_format),
     grads=("x",),
-    impls=[Impl("triton", "cuda", triton_scaled_relu, scaled_relu_backward, layout="dense",
-                fits=lambda c: c.x.dtype != torch.float64, takes="float32, float16, bfloat16"),
-           Impl("reference", None, reference_scaled_relu, scaled_relu_backward, eager=reference_scaled_relu)],
+    impls=[
+        Impl(
+            "triton",
+            "cuda",
+            triton_scaled_relu,
+            scaled_relu_backward,
+            fits=lambda c: c.x.dtype != torch.float64,
+            takes="float32, float16, bfloat16",
+        ),
+        Impl("reference", None, reference_scaled_relu, scaled_relu_backward, eager=reference_scaled_relu),
+    ],
 )
 
 
@@ -84,8 +96,9 @@ def test_toy_opcheck_and_compile(use_backend):
     use_backend("triton")
     x = torch.randn(4, 9, device=KERNEL_DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.lors.test_scaled_relu.default, (x, 0.5))
-    torch.library.opcheck(torch.ops.lors.test_scaled_relu_backward.default, ([torch.ones(4, 9)], [], [True],
-                                                                            x.detach(), 0.5))
+    torch.library.opcheck(
+        torch.ops.lors.test_scaled_relu_backward.default, ([torch.ones(4, 9)], [], [True], x.detach(), 0.5)
+    )
     compiled = torch.compile(lambda t: scaled_relu(t, scale=0.5).sum(), fullgraph=True)
     compiled(x).backward()
     assert_close(x.grad, 0.5 * (x.detach() > 0).double(), torch.float32, "compiled dx")
@@ -96,8 +109,11 @@ def test_toy_routes(use_backend):
     assert scaled_relu_op.route(x, 1.0).backend == "reference"  # on CPU the automatic choice
     use_backend("triton")
     assert scaled_relu_op.route(x, 1.0).backend == "triton"  # forced, under the interpreter
-    with pytest.raises(RuntimeError, match="backend 'triton' has no kernel for this call of test_scaled_relu on "
-                                           r"cpu \(it takes cuda: float32, float16, bfloat16\)"):
+    with pytest.raises(
+        RuntimeError,
+        match="backend 'triton' has no kernel for this call of test_scaled_relu on "
+        r"cpu \(it takes cuda: float32, float16, bfloat16\)",
+    ):
         scaled_relu(x.double())
     use_backend("native")  # the toy has no native kernel: its reference runs
     assert scaled_relu_op.route(x, 1.0).backend == "reference"
@@ -114,16 +130,6 @@ def test_toy_public_route_takes_the_public_arguments(use_backend):
         scaled_relu.route(torch.arange(3))
     with pytest.raises(TypeError):  # scale is keyword-only, as in the call
         scaled_relu.route(x, 2.0)
-
-
-def test_layout_guard_makes_inputs_dense_for_the_kernels_that_ask():
-    seen = []
-    impl = Impl("triton", "cuda", lambda x, s: seen.append(x.is_contiguous()), layout="dense")
-    registry._run(impl, impl.forward, (torch.randn(4, 4).t(), 1.0), torch.device("cpu"))
-    rows = Impl("triton", "cuda", lambda x, s: seen.append(x.stride()), layout="rows")
-    registry._run(rows, rows.forward, (torch.randn(4, 6)[:, ::2], 1.0), torch.device("cpu"))
-    registry._run(rows, rows.forward, (torch.randn(8, 6)[::2], 1.0), torch.device("cpu"))
-    assert seen == [True, (3, 1), (12, 1)]  # a row-strided view is kept as it is
 
 
 def test_launches_go_to_the_inputs_device(monkeypatch):
@@ -147,9 +153,15 @@ def test_measured_choice_times_each_shape_class_once_and_keeps_the_faster(monkey
 
     measured = registry.Measured(lambda c: c.x.shape[0], timer=timer)
     op = define_op(
-        "test_measured", "(Tensor x) -> Tensor", check=lambda x: None, fake=torch.empty_like,
-        impls=[Impl("triton", "cuda", lambda x: runs.append("triton") or x * 2, wins=measured),
-               Impl("reference", None, lambda x: runs.append("reference") or x * 2)])
+        "test_measured",
+        "(Tensor x) -> Tensor",
+        check=lambda x: None,
+        fake=torch.empty_like,
+        impls=[
+            Impl("triton", "cuda", lambda x: runs.append("triton") or x * 2, wins=measured),
+            Impl("reference", None, lambda x: runs.append("reference") or x * 2),
+        ],
+    )
     monkeypatch.setattr(torch.cuda, "device", lambda device: contextlib.nullcontext())
     monkeypatch.setattr(measured, "timer", lambda fn, args: timed.append(1) or timer(fn, args))
     for rows in (3, 3, 5):
@@ -204,8 +216,9 @@ def public_calls():
     import lors_kernels as lk
 
     g = torch.Generator().manual_seed(0)
-    x, weight, down, up, bias = (torch.randn(*shape, generator=g) for shape in ((4, 64), (32, 64), (8, 64), (32, 8),
-                                                                                (32,)))
+    x, weight, down, up, bias = (
+        torch.randn(*shape, generator=g) for shape in ((4, 64), (32, 64), (8, 64), (32, 8), (32,))
+    )
     scores = torch.rand(2, 5, 4 * 8, generator=g)
     q, k, v = torch.randn(2, 2, 5, 16, generator=g), torch.randn(2, 2, 64, 16, generator=g), torch.randn(2, 2, 64, 16)
     per_query = torch.randint(-1, 64, (2, 5, 24), generator=g)
@@ -256,8 +269,13 @@ def test_lors_linear_route_follows_its_arguments(use_backend):
 
 def test_define_op_wants_the_reference_last():
     with pytest.raises(ValueError, match="the last implementation must be the reference"):
-        define_op("test_no_reference", "(Tensor x) -> Tensor", check=lambda x: None, fake=torch.empty_like,
-                  impls=[Impl("triton", "cuda", torch.relu)])
+        define_op(
+            "test_no_reference",
+            "(Tensor x) -> Tensor",
+            check=lambda x: None,
+            fake=torch.empty_like,
+            impls=[Impl("triton", "cuda", torch.relu)],
+        )
 
 
 @pytest.mark.parametrize("name", [n for n in op_calls() if not n.startswith("select")])

@@ -7,8 +7,8 @@
 namespace lors_kernels {
 namespace bindings {
 
-void register_lors_linear(pybind11::module_& m);
-void register_adaptive_mixing(pybind11::module_& m);
+void register_static(pybind11::module_& m);
+void register_adaptive(pybind11::module_& m);
 void register_hrca(pybind11::module_& m);
 
 }  // namespace bindings

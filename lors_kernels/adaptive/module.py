@@ -2,14 +2,13 @@
 
 from __future__ import annotations
 
-from typing import List, Sequence, Union
+from collections.abc import Sequence
 
 import torch
 from torch import Tensor, nn
 
-from ..lors_linear import make_lors_stack
+from ..static import make_lors_stack
 from .op import adaptive_mixing, generate_mixing_weights
-from .reference import private_delta
 
 
 def _init_factor(t: Tensor) -> None:
@@ -19,7 +18,13 @@ def _init_factor(t: Tensor) -> None:
         nn.init.kaiming_uniform_(t)
 
 
-def _per_stage(value: Union[int, Sequence[int]], n_stages: int, what: str, owner: str) -> List[int]:
+def private_sum(left: Tensor, cores: Tensor, right: Tensor) -> Tensor:
+    """sum_k E_k @ Q_k @ F_k: E [K, rows, r], Q [..., K, r, r], F [K, r, cols] -> [..., rows, cols].
+    Pairwise contractions: no [..., K, rows, cols] intermediate."""
+    return torch.einsum("...kas,ksb->...ab", torch.einsum("kar,...krs->...kas", left, cores), right)
+
+
+def _per_stage(value: int | Sequence[int], n_stages: int, what: str, owner: str) -> list[int]:
     values = [value] * n_stages if isinstance(value, int) else list(value)
     if len(values) != n_stages:
         raise ValueError(f"{owner}: {len(values)} {what} for {n_stages} stages")
@@ -32,23 +37,38 @@ class AdaptiveMixing(nn.Module):
     forward(x [B, N, G, P_in, C], query [B, N, query_dim]) -> [B, N, query_dim], C = in_dim // n_groups.
     """
 
-    def __init__(self, in_dim: int = 256, in_points: int = 32, out_points: int = 128, n_groups: int = 4,
-                 query_dim: int = 256, device=None, dtype=None):
+    def __init__(
+        self,
+        in_dim: int = 256,
+        in_points: int = 32,
+        out_points: int = 128,
+        n_groups: int = 4,
+        query_dim: int = 256,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if in_dim % n_groups:
             raise ValueError(f"AdaptiveMixing: in_dim {in_dim} is not divisible by n_groups {n_groups}")
         factory = {"device": device, "dtype": dtype}
         self.in_dim, self.in_points, self.out_points, self.n_groups = in_dim, in_points, out_points, n_groups
         self.channels = in_dim // n_groups
-        self.generator = nn.Linear(query_dim, n_groups * (self.channels ** 2 + in_points * out_points), **factory)
+        self.generator = nn.Linear(query_dim, n_groups * (self.channels**2 + in_points * out_points), **factory)
         self.out_proj = nn.Linear(n_groups * out_points * self.channels, query_dim, **factory)
         self.norm = nn.LayerNorm(query_dim, **factory)
         nn.init.zeros_(self.generator.weight)  # AdaMixer's init: M and S start query-independent
 
-    def generate(self, query: Tensor):
-        return generate_mixing_weights(query, self.generator.weight, self.generator.bias, groups=self.n_groups,
-                                       in_channels=self.channels, out_channels=self.channels,
-                                       in_points=self.in_points, out_points=self.out_points)
+    def generate(self, query: Tensor) -> tuple[Tensor, Tensor]:
+        return generate_mixing_weights(
+            query,
+            self.generator.weight,
+            self.generator.bias,
+            groups=self.n_groups,
+            in_channels=self.channels,
+            out_channels=self.channels,
+            in_points=self.in_points,
+            out_points=self.out_points,
+        )
 
     def forward(self, x: Tensor, query: Tensor) -> Tensor:
         m, s = self.generate(query)
@@ -69,10 +89,20 @@ class LorsAdaptiveMixing(nn.Module):
     kaiming_uniform_ (up and biases zero). forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
     """
 
-    def __init__(self, n_stages: int = 6, query_dim: int = 256, in_dim: int = 256, in_points: int = 64,
-                 out_points: int = 128, n_groups: int = 2, rank: Union[int, Sequence[int]] = 16,
-                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), out_rank: Union[int, Sequence[int]] = 8,
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        n_stages: int = 6,
+        query_dim: int = 256,
+        in_dim: int = 256,
+        in_points: int = 64,
+        out_points: int = 128,
+        n_groups: int = 2,
+        rank: int | Sequence[int] = 16,
+        kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3),
+        out_rank: int | Sequence[int] = 8,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         kernel_groups = _per_stage(kernel_groups, n_stages, "kernel_groups", "LorsAdaptiveMixing")
         ranks = _per_stage(rank, n_stages, "ranks", "LorsAdaptiveMixing")
@@ -85,8 +115,9 @@ class LorsAdaptiveMixing(nn.Module):
         self.channels = c = in_dim // n_groups
         self.generator = nn.Linear(query_dim, n_groups * (c * c + in_points * out_points), **factory)
         nn.init.zeros_(self.generator.weight)
-        self.cores = nn.ModuleList(nn.Linear(query_dim, 2 * n_groups * k * r * r, **factory)
-                                   for k, r in zip(kernel_groups, ranks))
+        self.cores = nn.ModuleList(
+            nn.Linear(query_dim, 2 * n_groups * k * r * r, **factory) for k, r in zip(kernel_groups, ranks)
+        )
         gk = [(n_groups * k, r) for k, r in zip(kernel_groups, ranks)]
         self.channel_left = nn.ParameterList(nn.Parameter(torch.empty(j, c, r, **factory)) for j, r in gk)
         self.channel_right = nn.ParameterList(nn.Parameter(torch.empty(j, r, c, **factory)) for j, r in gk)
@@ -105,26 +136,42 @@ class LorsAdaptiveMixing(nn.Module):
             for factor in factors:
                 _init_factor(factor)
 
-    def generate(self, stage: int, query: Tensor):
+    def generate(
+        self, stage: int, query: Tensor
+    ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor, Tensor] | None]:
         """M, S and this stage's private parts ((E^M, Q^M, F^M), (E^S, Q^S, F^S)), or Nones when K_l = 0."""
         c = self.channels
         k = self.kernel_groups[stage]
-        common = dict(groups=self.n_groups, in_channels=c, out_channels=c, in_points=self.in_points,
-                      out_points=self.out_points)
+        common = dict(
+            groups=self.n_groups, in_channels=c, out_channels=c, in_points=self.in_points, out_points=self.out_points
+        )
         if k == 0:
             m, s = generate_mixing_weights(query, self.generator.weight, self.generator.bias, **common)
             return m, s, None, None
         core = self.cores[stage]
-        m, s, qm, qs = generate_mixing_weights(query, self.generator.weight, self.generator.bias, core.weight,
-                                               core.bias, rank=self.ranks[stage], **common)
-        return (m, s, (self.channel_left[stage], qm, self.channel_right[stage]),
-                (self.spatial_left[stage], qs, self.spatial_right[stage]))
+        m, s, qm, qs = generate_mixing_weights(
+            query, self.generator.weight, self.generator.bias, core.weight, core.bias, rank=self.ranks[stage], **common
+        )
+        return (
+            m,
+            s,
+            (self.channel_left[stage], qm, self.channel_right[stage]),
+            (self.spatial_left[stage], qs, self.spatial_right[stage]),
+        )
 
-    def lors_stacks(self):
+    def lors_stacks(self) -> Sequence[tuple[str, Sequence[Tensor], Sequence[Sequence[Tensor]]]]:
         """(label, shared parameters, each stage's private parameters) for count_parameters; the output
         projection is a LorsLinear stack of its own."""
-        private = [[*self.cores[stage].parameters(), self.channel_left[stage], self.channel_right[stage],
-                    self.spatial_left[stage], self.spatial_right[stage]] for stage in range(self.n_stages)]
+        private = [
+            [
+                *self.cores[stage].parameters(),
+                self.channel_left[stage],
+                self.channel_right[stage],
+                self.spatial_left[stage],
+                self.spatial_right[stage],
+            ]
+            for stage in range(self.n_stages)
+        ]
         return [("mixing", list(self.generator.parameters()), private)]
 
     def forward(self, stage: int, x: Tensor, query: Tensor) -> Tensor:
@@ -145,8 +192,18 @@ class LorsWeightGenerator(nn.Module):
     Init as the official LORS^A: generator as nn.Linear, cores zero, E/F kaiming_uniform_ on the 3-D tensors.
     """
 
-    def __init__(self, n_stages: int, query_dim: int, rows: int, cols: int, rank: int = 16,
-                 kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3), bias: bool = True, device=None, dtype=None):
+    def __init__(
+        self,
+        n_stages: int,
+        query_dim: int,
+        rows: int,
+        cols: int,
+        rank: int = 16,
+        kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3),
+        bias: bool = True,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         kernel_groups = _per_stage(kernel_groups, n_stages, "kernel_groups", "LorsWeightGenerator")
         factory = {"device": device, "dtype": dtype}
@@ -165,10 +222,11 @@ class LorsWeightGenerator(nn.Module):
             _init_factor(self.left[stage])
             _init_factor(self.right[stage])
 
-    def lors_stacks(self):
+    def lors_stacks(self) -> Sequence[tuple[str, Sequence[Tensor], Sequence[Sequence[Tensor]]]]:
         """(label, shared parameters, each stage's private parameters) for count_parameters."""
-        private = [[*self.cores[stage].parameters(), self.left[stage], self.right[stage]]
-                   for stage in range(self.n_stages)]
+        private = [
+            [*self.cores[stage].parameters(), self.left[stage], self.right[stage]] for stage in range(self.n_stages)
+        ]
         return [("generator", list(self.generator.parameters()), private)]
 
     def forward(self, stage: int, query: Tensor) -> Tensor:
@@ -178,9 +236,11 @@ class LorsWeightGenerator(nn.Module):
         k = self.kernel_groups[stage]
         if k:
             cores = self.cores[stage](q).view(-1, k, self.rank, self.rank)
-            weight = weight + private_delta((self.left[stage], cores, self.right[stage]), q.shape[0], 1)[:, 0]
+            weight = weight + private_sum(self.left[stage], cores, self.right[stage])
         return weight.view(*lead, self.rows, self.cols)
 
     def extra_repr(self) -> str:
-        return (f"n_stages={self.n_stages}, rows={self.rows}, cols={self.cols}, rank={self.rank}, "
-                f"kernel_groups={self.kernel_groups}")
+        return (
+            f"n_stages={self.n_stages}, rows={self.rows}, cols={self.cols}, rank={self.rank}, "
+            f"kernel_groups={self.kernel_groups}"
+        )

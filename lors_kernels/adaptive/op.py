@@ -3,7 +3,8 @@ implementations, the public functions."""
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -11,6 +12,9 @@ from torch import Tensor
 from .. import backend
 from ..registry import Impl, define_op, public, shape_str
 from . import reference
+
+if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
+    from . import triton as kernels
 
 EPS = 1e-5
 
@@ -23,7 +27,7 @@ class Private(NamedTuple):
     F: Tensor  # [G*K, r, cols], shared by every query
 
 
-def as_private(value, label: str) -> Optional[Private]:
+def as_private(value: Sequence[Tensor] | None, label: str) -> Private | None:
     """The user's (E, Q, F) as a Private, or None; anything else is a clear error."""
     if value is None:
         return None
@@ -32,7 +36,7 @@ def as_private(value, label: str) -> Optional[Private]:
     return Private(*value)
 
 
-def _joined(e, q, f, label: str) -> Optional[Private]:
+def _joined(e, q, f, label: str) -> Private | None:
     """The op's three inputs of one private part back as one (all given or none)."""
     if e is None and q is None and f is None:
         return None
@@ -45,7 +49,18 @@ def _privates(c):
     return _joined(c.em, c.qm, c.fm, "channel_private"), _joined(c.es, c.qs, c.fs, "spatial_private")
 
 
-def check_inputs(x, m, s, em, qm, fm, es, qs, fs, eps=EPS) -> None:
+def check_adaptive_mixing(
+    x: Tensor,
+    m: Tensor,
+    s: Tensor,
+    em: Tensor | None,
+    qm: Tensor | None,
+    fm: Tensor | None,
+    es: Tensor | None,
+    qs: Tensor | None,
+    fs: Tensor | None,
+    eps: float = EPS,
+) -> None:
     """x [BN, G, P_in, C_in], M [BN, G, C_in, C_out], S [BN, G, P_out, P_in], privates (E, Q, F)."""
     channel, spatial = _joined(em, qm, fm, "channel_private"), _joined(es, qs, fs, "spatial_private")
     for name, t in (("x", x), ("M", m), ("S", s)):
@@ -55,26 +70,40 @@ def check_inputs(x, m, s, em, qm, fm, es, qs, fs, eps=EPS) -> None:
             raise ValueError(f"adaptive_mixing: {name} must be 4-D, got {shape_str(t)}")
     bn, groups, p_in, c_in = x.shape
     if tuple(m.shape[:3]) != (bn, groups, c_in):
-        raise ValueError(f"adaptive_mixing: M {shape_str(m)} must be [BN, G, C_in, C_out] = [{bn}, {groups}, {c_in}, *] "
-                         f"for x {shape_str(x)}")
+        raise ValueError(
+            f"adaptive_mixing: M {shape_str(m)} must be [BN, G, C_in, C_out] = [{bn}, {groups}, {c_in}, *] "
+            f"for x {shape_str(x)}"
+        )
     if tuple(s.shape[:2]) != (bn, groups) or s.shape[3] != p_in:
-        raise ValueError(f"adaptive_mixing: S {shape_str(s)} must be [BN, G, P_out, P_in] = [{bn}, {groups}, *, {p_in}] "
-                         f"for x {shape_str(x)}")
+        raise ValueError(
+            f"adaptive_mixing: S {shape_str(s)} must be [BN, G, P_out, P_in] = [{bn}, {groups}, *, {p_in}] "
+            f"for x {shape_str(x)}"
+        )
     c_out, p_out = m.shape[3], s.shape[2]
     ranks = []  # a list: symbolic sizes are not hashable
-    for label, private, rows, cols in (("channel_private", channel, c_in, c_out),
-                                       ("spatial_private", spatial, p_out, p_in)):
+    for label, private, rows, cols in (
+        ("channel_private", channel, c_in, c_out),
+        ("spatial_private", spatial, p_out, p_in),
+    ):
         if private is None:
             continue
         e, q, f = private
         if e.dim() != 3 or q.dim() != 4 or f.dim() != 3:
-            raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [BN, G*K, r, r], "
-                             f"F [G*K, r, {cols}]; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}")
+            raise ValueError(
+                f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [BN, G*K, r, r], "
+                f"F [G*K, r, {cols}]; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}"
+            )
         gk, r = e.shape[0], e.shape[2]
-        if (gk % max(groups, 1) or tuple(e.shape) != (gk, rows, r) or tuple(q.shape) != (bn, gk, r, r)
-                or tuple(f.shape) != (gk, r, cols)):
-            raise ValueError(f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [{bn}, G*K, r, r], "
-                             f"F [G*K, r, {cols}] with G = {groups}; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}")
+        if (
+            gk % max(groups, 1)
+            or tuple(e.shape) != (gk, rows, r)
+            or tuple(q.shape) != (bn, gk, r, r)
+            or tuple(f.shape) != (gk, r, cols)
+        ):
+            raise ValueError(
+                f"adaptive_mixing: {label} must be E [G*K, {rows}, r], Q [{bn}, G*K, r, r], "
+                f"F [G*K, r, {cols}] with G = {groups}; got {shape_str(e)}, {shape_str(q)}, {shape_str(f)}"
+            )
         ranks.append(r)
     if len(ranks) == 2 and ranks[0] != ranks[1]:
         raise ValueError(f"adaptive_mixing: channel and spatial private parts must share one rank, got {sorted(ranks)}")
@@ -83,12 +112,16 @@ def check_inputs(x, m, s, em, qm, fm, es, qs, fs, eps=EPS) -> None:
         if private is not None:
             tensors.update({f"{label}.{n}": t for n, t in zip(Private._fields, private)})
     if any(t.dtype != x.dtype for t in tensors.values()) or x.dtype not in (*backend.TRITON_DTYPES, torch.float64):
-        raise TypeError("adaptive_mixing: all tensors must share one floating dtype, got "
-                        + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items())
-                        + "; convert them first, e.g. M.to(x.dtype)")
+        raise TypeError(
+            "adaptive_mixing: all tensors must share one floating dtype, got "
+            + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items())
+            + "; convert them first, e.g. M.to(x.dtype)"
+        )
     if any(t.device != x.device for t in tensors.values()):
-        raise ValueError("adaptive_mixing: all tensors must be on one device, got "
-                         + ", ".join(f"{n}={t.device}" for n, t in tensors.items()))
+        raise ValueError(
+            "adaptive_mixing: all tensors must be on one device, got "
+            + ", ".join(f"{n}={t.device}" for n, t in tensors.items())
+        )
 
 
 # ---------------------------------------------------------------------------------- implementations
@@ -99,19 +132,29 @@ def _no_pre1(x: Tensor) -> Tensor:
     return x.new_empty(0, dtype=torch.float32)
 
 
-def _triton_forward(x, m, s, em, qm, fm, es, qs, fs, eps):
-    from . import triton as kernels
+def _dense(*tensors):
+    """The Triton kernels index every input as a dense tensor."""
+    return [None if t is None else t.contiguous() for t in tensors]
 
+
+def _triton_forward(x, m, s, em, qm, fm, es, qs, fs, eps):
+    x, m, s, em, qm, fm, es, qs, fs = _dense(x, m, s, em, qm, fm, es, qs, fs)
     return kernels.mixing_forward(x, m, s, _joined(em, qm, fm, ""), _joined(es, qs, fs, ""), eps), _no_pre1(x)
 
 
 def _triton_backward(c, dout):
     """The Triton backward, or the reference's for the one case whose tiles exceed shared memory."""
-    from . import triton as kernels
-
     if not kernels.backward_fits(c.x.dtype, c.s.shape[2], c.m.shape[3]):
         return _reference_backward(c, dout)
-    return _flat_grads(kernels.mixing_backward(dout, c.x, c.m, c.s, *_privates(c), c.eps))
+    x, m, s, em, qm, fm, es, qs, fs = _dense(*_inputs(c))
+    return _flat_grads(
+        kernels.mixing_backward(dout.contiguous(), x, m, s, _joined(em, qm, fm, ""), _joined(es, qs, fs, ""), c.eps)
+    )
+
+
+def _inputs(c):
+    """The nine tensor inputs of a saved call, in the schema's order."""
+    return c.x, c.m, c.s, c.em, c.qm, c.fm, c.es, c.qs, c.fs
 
 
 def _native_forward(*args):
@@ -130,7 +173,7 @@ def _native_train(*args):
 
 def _native_backward(c, dout):
     saved = c.pre1 if c.pre1.numel() else None
-    return backend.native().adaptive_mixing_backward_cpu(dout, *c[:10], saved)
+    return backend.native().adaptive_mixing_backward_cpu(dout, *_inputs(c), c.eps, saved)
 
 
 def _reference_forward(x, m, s, em, qm, fm, es, qs, fs, eps):
@@ -155,19 +198,33 @@ adaptive_mixing_op = define_op(
     "adaptive_mixing",
     "(Tensor x, Tensor m, Tensor s, Tensor? em, Tensor? qm, Tensor? fm, Tensor? es, Tensor? qs, Tensor? fs, "
     "float eps) -> (Tensor out, Tensor pre1)",
-    check=check_inputs,
+    check=check_adaptive_mixing,
     fake=lambda x, m, s, *_: (x.new_empty((*x.shape[:2], s.shape[2], m.shape[3])), _no_pre1(x)),
-    returns=1, save=("pre1",), grads=("x", "m", "s", "em", "qm", "fm", "es", "qs", "fs"),
+    returns=1,
+    save=("pre1",),
+    grads=("x", "m", "s", "em", "qm", "fm", "es", "qs", "fs"),
     impls=[
-        Impl("triton", "cuda", _triton_forward, _triton_backward, layout="dense",
-             fits=lambda c: c.x.dtype in backend.TRITON_DTYPES, takes="float32, float16, bfloat16"),
+        Impl(
+            "triton",
+            "cuda",
+            _triton_forward,
+            _triton_backward,
+            fits=lambda c: c.x.dtype in backend.TRITON_DTYPES,
+            takes="float32, float16, bfloat16",
+        ),
         # Measured on 2 cores against the eager reference: fp32 is 2.3-3.3x faster forward and 1.65-1.9x
         # forward+backward; bf16 is even forward and 0.74-0.84x forward+backward (eager's bf16 matmuls use
         # AVX512-BF16 at twice the fp32 rate, the kernels compute in fp32): fp32 only, unless forced.
-        Impl("native", "cpu", _native_forward, _native_backward, train=_native_train,
-             fits=lambda c: (c.x.dtype in backend.NATIVE_CPU_DTYPES
-                             and backend.has_native("adaptive_mixing_forward_cpu")),
-             wins=lambda c: c.x.dtype == torch.float32, takes="float32, bfloat16"),
+        Impl(
+            "native",
+            "cpu",
+            _native_forward,
+            _native_backward,
+            train=_native_train,
+            fits=lambda c: c.x.dtype in backend.NATIVE_CPU_DTYPES,
+            wins=lambda c: c.x.dtype == torch.float32,
+            takes="float32, bfloat16",
+        ),
         # Recording, the reference's own autograd keeps what it needs, as the eager code it replaces does.
         Impl("reference", None, _reference_forward, _reference_backward, eager=_reference_eager),
     ],
@@ -180,8 +237,15 @@ def _with_leading_dims(out: Tensor, x: Tensor, *args, **kwargs) -> Tensor:
 
 
 @public(adaptive_mixing_op, finish=_with_leading_dims)
-def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, spatial_private=None,
-                    eps: float = EPS):
+def adaptive_mixing(
+    x: Tensor,
+    M: Tensor,
+    S: Tensor,
+    *,
+    channel_private: Sequence[Tensor] | None = None,
+    spatial_private: Sequence[Tensor] | None = None,
+    eps: float = EPS,
+) -> tuple:
     """AdaMixer's adaptive mixing with LORS^A private parts, fused.
 
     x [BN, G, P_in, C_in] or [B, N, G, P_in, C_in]; M [BN, G, C_in, C_out]; S [BN, G, P_out, P_in];
@@ -199,15 +263,20 @@ def adaptive_mixing(x: Tensor, M: Tensor, S: Tensor, *, channel_private=None, sp
 # ------------------------------------------------------------------------------------------- generation
 
 
-def _check_generation(q, gen_weight, gen_bias, core_weight, core_bias) -> None:
+def check_generate_mixing_weights(
+    q: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, core_weight: Tensor | None, core_bias: Tensor | None
+) -> None:
     for name, t in (("gen_weight", gen_weight), ("core_weight", core_weight)):
         if t is not None and (t.dim() != 2 or t.shape[1] != q.shape[1]):
-            raise ValueError(f"generate_mixing_weights: {name} {shape_str(t)} must be [*, {q.shape[1]}] for query "
-                             f"rows {shape_str(q)}")
+            raise ValueError(
+                f"generate_mixing_weights: {name} {shape_str(t)} must be [*, {q.shape[1]}] for query "
+                f"rows {shape_str(q)}"
+            )
     for name, bias, weight in (("gen_bias", gen_bias, gen_weight), ("core_bias", core_bias, core_weight)):
         if bias is not None and (weight is None or tuple(bias.shape) != (weight.shape[0],)):
-            raise ValueError(f"generate_mixing_weights: {name} {shape_str(bias)} must be one value per row of its "
-                             "weight")
+            raise ValueError(
+                f"generate_mixing_weights: {name} {shape_str(bias)} must be one value per row of its weight"
+            )
 
 
 def _generated(q, gen_weight, gen_bias, core_weight, core_bias):
@@ -218,8 +287,6 @@ def _generated(q, gen_weight, gen_bias, core_weight, core_bias):
 
 
 def _triton_generate(q, gen_weight, gen_bias, core_weight, core_bias):
-    from . import triton as kernels
-
     mixing, cores = kernels.generate(q, gen_weight, gen_bias, core_weight, core_bias)
     return mixing, (q.new_empty(0) if cores is None else cores)
 
@@ -238,14 +305,21 @@ generate_op = define_op(
     "generate_mixing_weights",
     "(Tensor q, Tensor gen_weight, Tensor? gen_bias, Tensor? core_weight, Tensor? core_bias) "
     "-> (Tensor mixing, Tensor cores)",
-    check=_check_generation,
+    check=check_generate_mixing_weights,
     fake=lambda q, gen_weight, gen_bias, core_weight, core_bias: (
         q.new_empty((q.shape[0], gen_weight.shape[0])),
-        q.new_empty(0) if core_weight is None else q.new_empty((q.shape[0], core_weight.shape[0]))),
+        q.new_empty(0) if core_weight is None else q.new_empty((q.shape[0], core_weight.shape[0])),
+    ),
     grads=("q", "gen_weight", "gen_bias", "core_weight", "core_bias"),
     impls=[
-        Impl("triton", "cuda", _triton_generate, _generation_backward,
-             fits=lambda c: c.q.dtype in backend.TRITON_DTYPES, takes="float32, float16, bfloat16"),
+        Impl(
+            "triton",
+            "cuda",
+            _triton_generate,
+            _generation_backward,
+            fits=lambda c: c.q.dtype in backend.TRITON_DTYPES,
+            takes="float32, float16, bfloat16",
+        ),
         Impl("reference", None, _generated, _generation_backward, eager=_generated),
     ],
 )
@@ -258,10 +332,20 @@ def _split(outputs, query, gen_weight, gen_bias=None, core_weight=None, core_bia
 
 
 @public(generate_op, finish=_split)
-def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optional[Tensor] = None,
-                            core_weight: Optional[Tensor] = None, core_bias: Optional[Tensor] = None, *,
-                            groups: int, in_channels: int, out_channels: int, in_points: int, out_points: int,
-                            rank: int = 0):
+def generate_mixing_weights(
+    query: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor | None = None,
+    core_weight: Tensor | None = None,
+    core_bias: Tensor | None = None,
+    *,
+    groups: int,
+    in_channels: int,
+    out_channels: int,
+    in_points: int,
+    out_points: int,
+    rank: int = 0,
+) -> tuple:
     """AdaMixer's per-query weight generation, batched over every query and group.
 
     query [..., d_q]; gen_weight [G*(C_in*C_out + P_in*P_out), d_q] -> M [BN, G, C_in, C_out] and
@@ -271,9 +355,13 @@ def generate_mixing_weights(query: Tensor, gen_weight: Tensor, gen_bias: Optiona
     """
     q = query.reshape(-1, query.shape[-1])
     if gen_weight.shape[0] != groups * (in_channels * out_channels + in_points * out_points):
-        raise ValueError(f"generate_mixing_weights: gen_weight {shape_str(gen_weight)} must have G*(C_in*C_out + "
-                         f"P_in*P_out) = {groups * (in_channels * out_channels + in_points * out_points)} rows")
+        raise ValueError(
+            f"generate_mixing_weights: gen_weight {shape_str(gen_weight)} must have G*(C_in*C_out + "
+            f"P_in*P_out) = {groups * (in_channels * out_channels + in_points * out_points)} rows"
+        )
     if core_weight is not None and (rank <= 0 or core_weight.shape[0] % (2 * groups * rank * rank)):
-        raise ValueError(f"generate_mixing_weights: core_weight {shape_str(core_weight)} must have 2*G*K*r*r rows "
-                         f"(G = {groups}, r = {rank})")
+        raise ValueError(
+            f"generate_mixing_weights: core_weight {shape_str(core_weight)} must have 2*G*K*r*r rows "
+            f"(G = {groups}, r = {rank})"
+        )
     return q, gen_weight, gen_bias, core_weight, core_bias

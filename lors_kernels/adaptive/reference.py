@@ -12,25 +12,38 @@ A private part is (E [G*K, *, r], Q [BN, G*K, r, r], F [G*K, r, *]), index g*K +
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
 def _split_groups(private, bn: int, groups: int):
     """(E, Q, F) with the index j = g*K + k split: E [G, K, rows, r], Q [BN, G, K, r, r], F [G, K, r, cols]."""
     e, q, f = private
     k = e.shape[0] // groups
-    return (e.reshape(groups, k, *e.shape[1:]), q.reshape(bn, groups, k, *q.shape[2:]),
-            f.reshape(groups, k, *f.shape[1:]))
+    return (
+        e.reshape(groups, k, *e.shape[1:]),
+        q.reshape(bn, groups, k, *q.shape[2:]),
+        f.reshape(groups, k, *f.shape[1:]),
+    )
 
 
-def private_delta(private, bn: int, groups: int) -> torch.Tensor:
+def private_delta(private: Sequence[Tensor], bn: int, groups: int) -> Tensor:
     """sum_k E_k @ Q_k @ F_k for every query and group: [BN, G, rows, cols]."""
     e, q, f = _split_groups(private, bn, groups)
     return torch.einsum("ngkas,gksb->ngab", torch.einsum("gkar,ngkrs->ngkas", e, q), f)
 
 
-def adaptive_mixing(x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
+def adaptive_mixing(
+    x: Tensor,
+    m: Tensor,
+    s: Tensor,
+    channel_private: Sequence[Tensor] | None = None,
+    spatial_private: Sequence[Tensor] | None = None,
+    eps: float = 1e-5,
+) -> Tensor:
     """x [BN, G, P_in, C_in], m [BN, G, C_in, C_out], s [BN, G, P_out, P_in] -> [BN, G, P_out, C_out]."""
     bn, groups = x.shape[:2]
     if channel_private is not None:
@@ -68,7 +81,15 @@ def _private_backward(private, d, groups):
     return de.flatten(0, 1), dq.flatten(1, 2), df.flatten(0, 1)
 
 
-def adaptive_mixing_backward(dout, x, m, s, channel_private=None, spatial_private=None, eps: float = 1e-5):
+def adaptive_mixing_backward(
+    dout: Tensor,
+    x: Tensor,
+    m: Tensor,
+    s: Tensor,
+    channel_private: Sequence[Tensor] | None = None,
+    spatial_private: Sequence[Tensor] | None = None,
+    eps: float = 1e-5,
+) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor, Tensor] | None]:
     """Every gradient of :func:`adaptive_mixing` from the formulas (recomputing the forward):
     (dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None)."""
     bn, groups = x.shape[:2]
@@ -81,12 +102,20 @@ def adaptive_mixing_backward(dout, x, m, s, channel_private=None, spatial_privat
     dpre1 = _layer_norm_relu_backward(torch.matmul(s_eff.transpose(-1, -2), dpre2), xhat1, rstd1)
     dm = torch.matmul(x.transpose(-1, -2), dpre1)
     dx = torch.matmul(dpre1, m_eff.transpose(-1, -2))
-    return (dx, dm, ds, _private_backward(channel_private, dm, groups),
-            _private_backward(spatial_private, ds, groups))
+    return (dx, dm, ds, _private_backward(channel_private, dm, groups), _private_backward(spatial_private, ds, groups))
 
 
-def split_generated(mixing, cores, *, groups: int, in_channels: int, out_channels: int, in_points: int,
-                    out_points: int, rank: int = 0):
+def split_generated(
+    mixing: Tensor,
+    cores: Tensor | None,
+    *,
+    groups: int,
+    in_channels: int,
+    out_channels: int,
+    in_points: int,
+    out_points: int,
+    rank: int = 0,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """The generator's outputs in the official layout (group outer, then M before S):
     mixing [BN, G*(C_in*C_out + P_in*P_out)] -> M [BN, G, C_in, C_out], S [BN, G, P_out, P_in]; cores
     [BN, 2*G*K*r*r] (or None) -> Q^M, Q^S [BN, G*K, r, r]."""
@@ -100,7 +129,14 @@ def split_generated(mixing, cores, *, groups: int, in_channels: int, out_channel
     return m, s, cores[:, 0], cores[:, 1]
 
 
-def generate_mixing_weights(query, gen_weight, gen_bias, core_weight=None, core_bias=None, **shape):
+def generate_mixing_weights(
+    query: Tensor,
+    gen_weight: Tensor,
+    gen_bias: Tensor | None,
+    core_weight: Tensor | None = None,
+    core_bias: Tensor | None = None,
+    **shape: int,
+) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """AdaMixer's parameter generator: query [..., d_q] -> M, S (and, with core_weight [2*G*K*r*r, d_q],
     the private cores Q^M, Q^S); `shape` as :func:`split_generated` takes it."""
     q = query.reshape(-1, query.shape[-1])

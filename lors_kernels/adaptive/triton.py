@@ -14,9 +14,12 @@ bitwise the same on every run (for one GPU model), and no hot spot of ~10^7 atom
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .. import triton_utils
 from ..triton_utils import block, dot_dtype, precision
@@ -258,7 +261,8 @@ def generate_kernel(
                  BLOCK_M, BLOCK_N, BLOCK_K, GROUP_M)
 
 
-def generate(q, gen_weight, gen_bias, core_weight, core_bias):
+def generate(q: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, core_weight: Tensor | None,
+             core_bias: Tensor | None) -> tuple[Tensor, Tensor | None]:
     """q [BN, d_q] -> (q @ gen_weight^T + gen_bias, q @ core_weight^T + core_bias or None), one launch."""
     m, k = q.shape
     mixing = torch.empty((m, gen_weight.shape[0]), device=q.device, dtype=q.dtype)
@@ -322,7 +326,8 @@ def _launch(x, m, s, io, grads, channel_private, spatial_private, eps, backward,
     triton_utils.launch(mixing_kernel, (programs or bn * groups,), args, constexprs, warps)
 
 
-def mixing_forward(x, m, s, channel_private, spatial_private, eps):
+def mixing_forward(x: Tensor, m: Tensor, s: Tensor, channel_private: Sequence[Tensor] | None,
+                   spatial_private: Sequence[Tensor] | None, eps: float) -> Tensor:
     """x [BN, G, P_in, C_in] -> out [BN, G, P_out, C_out]."""
     bn, groups, _, _, c_out, p_out, *_ = _shapes(x, m, s, channel_private, spatial_private)
     out = torch.empty((bn, groups, p_out, c_out), device=x.device, dtype=x.dtype)
@@ -338,11 +343,14 @@ def backward_fits(dtype: torch.dtype, p_out: int, c_out: int) -> bool:
     return dtype != torch.float32 or block(p_out) * block(c_out) <= 128 * 64
 
 
-def mixing_backward(dout, x, m, s, channel_private, spatial_private, eps):
+def mixing_backward(dout: Tensor, x: Tensor, m: Tensor, s: Tensor, channel_private: Sequence[Tensor] | None,
+                    spatial_private: Sequence[Tensor] | None, eps: float
+                    ) -> tuple[Tensor, Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None,
+                               tuple[Tensor, Tensor, Tensor] | None]:
     """Returns dx, dM, dS, (dE^M, dQ^M, dF^M) or None, (dE^S, dQ^S, dF^S) or None."""
     bn, groups, *_ = _shapes(x, m, s, channel_private, spatial_private)
     assert backward_fits(x.dtype, s.shape[2], m.shape[3]), "op.py sends this case to the reference"
-    # Inputs are contiguous (the op's layout): gradients allocated like them share their strides.
+    # Inputs are contiguous (op.py makes them dense): gradients allocated like them share their strides.
     dx, dm, ds = torch.empty_like(x), torch.empty_like(m), torch.empty_like(s)
     # One persistent program per SM (the backward's tiles take most of an SM's shared memory), each with
     # its own zeroed fp32 slice of the E/F partial sums.

@@ -4,8 +4,11 @@ alone against upsampling the whole map with F.interpolate + topk."""
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 from ..bench import Family, Target, forward_backward, seeded_randn
 from ..report import OURS
@@ -20,7 +23,7 @@ def _pixels(size: str) -> int:
     return windows * (hh // lh) ** 2
 
 
-def attention_grid(device: str, quick: bool):
+def attention_grid(device: str, quick: bool) -> list[dict]:
     """Selection: FASeg's windows, or bilinear top-k (k = windows * ws^2 pixels) shared or per query."""
     selections = ("window", "bilinear", "bilinear-per-query")
     if device == "cuda":
@@ -31,14 +34,24 @@ def attention_grid(device: str, quick: bool):
     return [{"size": size, "select": sel, "B": b, "N": n, "S": _pixels(size)} for size, sel, b, n in shapes]
 
 
-def selection_grid(device: str, quick: bool):
+def selection_grid(device: str, quick: bool) -> list[dict]:
     b, ns = (2, (100, 300)) if device == "cuda" else (1, (100,) if quick else (100, 300))
     sizes = ("cityscapes",) if quick else tuple(SIZES)
-    return [{"size": size, "select": sel, "B": b, "N": n, "k": _pixels(size)}
-            for size in sizes for sel in ("bilinear", "bilinear-per-query") for n in ns]
+    return [
+        {"size": size, "select": sel, "B": b, "N": n, "k": _pixels(size)}
+        for size in sizes
+        for sel in ("bilinear", "bilinear-per-query")
+        for n in ns
+    ]
 
 
-def torch_topk_pixels(scores, low_hw, high_hw, k, per_query):
+def torch_topk_pixels(
+    scores: Tensor,
+    low_hw: tuple[int, int] | Sequence[int],
+    high_hw: tuple[int, int] | Sequence[int],
+    k: int,
+    per_query: bool,
+) -> Tensor:
     """Bilinear top-k as one writes it in PyTorch: upsample the whole map, top-k -> [B, 1 or N, k]."""
     (lh, lw), (hh, hw) = low_hw, high_hw
     maps = scores.sum(1, keepdim=True) if not per_query else scores
@@ -87,8 +100,11 @@ def _attention_providers(scores, q, k, v, size, selection):
         v_s = v[:, :, None].expand(b, h, n, -1, d).gather(3, rows)
         return F.scaled_dot_product_attention(q[:, :, :, None], k_s, v_s)[:, :, :, 0]
 
-    return {OURS: ours, "topk+gather+SDPA": topk_gather_sdpa,
-            "dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v)}
+    return {
+        OURS: ours,
+        "topk+gather+SDPA": topk_gather_sdpa,
+        "dense SDPA": lambda: F.scaled_dot_product_attention(q, k, v),
+    }
 
 
 def build_attention(device: str, dtype: torch.dtype, shape: dict, mode: str) -> dict:
@@ -101,8 +117,7 @@ def build_attention(device: str, dtype: torch.dtype, shape: dict, mode: str) -> 
     if mode == "fwd":
         return _attention_providers(scores, q, k, v, size, shape["select"])
     leaves = [t.requires_grad_() for t in (q, k, v)]
-    return forward_backward(_attention_providers(scores, *leaves, size, shape["select"]), leaves,
-                            rand(b, HEADS, n, d))
+    return forward_backward(_attention_providers(scores, *leaves, size, shape["select"]), leaves, rand(b, HEADS, n, d))
 
 
 def build_selection(device: str, dtype: torch.dtype, shape: dict, mode: str) -> dict:
@@ -111,17 +126,29 @@ def build_selection(device: str, dtype: torch.dtype, shape: dict, mode: str) -> 
     low_hw, high_hw, _ = SIZES[shape["size"]]
     scores = _scores(device, dtype, shape["size"], shape["B"], shape["N"])
     k, per_query = shape["k"], shape["select"].endswith("per-query")
-    return {OURS: lambda: lk.select_topk_pixels(scores, low_hw, high_hw, k, per_query=per_query),
-            # sorted ascending as ours is: the same result
-            "interpolate+topk": lambda: torch_topk_pixels(scores, low_hw, high_hw, k, per_query).sort(-1).values}
+    return {
+        OURS: lambda: lk.select_topk_pixels(scores, low_hw, high_hw, k, per_query=per_query),
+        # sorted ascending as ours is: the same result
+        "interpolate+topk": lambda: torch_topk_pixels(scores, low_hw, high_hw, k, per_query).sort(-1).values,
+    }
 
 
 FAMILIES = [
-    Family("hrca", attention_grid, lambda device: (OURS, "topk+gather+SDPA", "dense SDPA"), build_attention,
-           # GPU bf16: >= 3x faster than top-k + gather + SDPA at Cityscapes size.
-           targets=(Target("topk+gather+SDPA", 1 / 3, "cuda", where=lambda s: s["size"] == "cityscapes"),)),
-    Family("hrca_selection", selection_grid, lambda device: (OURS, "interpolate+topk"), build_selection,
-           # CPU: the native selection >= 2x faster than interpolate + top-k at Cityscapes size.
-           targets=(Target("interpolate+topk", 0.5, "cpu", where=lambda s: s["size"] == "cityscapes"),),
-           modes=("fwd",)),
+    Family(
+        "hrca",
+        attention_grid,
+        lambda device: (OURS, "topk+gather+SDPA", "dense SDPA"),
+        build_attention,
+        # GPU bf16: >= 3x faster than top-k + gather + SDPA at Cityscapes size.
+        targets=(Target("topk+gather+SDPA", 1 / 3, "cuda", where=lambda s: s["size"] == "cityscapes"),),
+    ),
+    Family(
+        "hrca_selection",
+        selection_grid,
+        lambda device: (OURS, "interpolate+topk"),
+        build_selection,
+        # CPU: the native selection >= 2x faster than interpolate + top-k at Cityscapes size.
+        targets=(Target("interpolate+topk", 0.5, "cpu", where=lambda s: s["size"] == "cityscapes"),),
+        modes=("fwd",),
+    ),
 ]

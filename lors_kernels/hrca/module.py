@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import op
-from ..lors_linear.module import INITS
 from .reference import window_size
+
+# What init= accepts: nn.MultiheadAttention's initialization, or FASeg's (out_proj xavier_uniform_ too).
+INITS = ("default", "xavier")
 
 
 class HighResCrossAttention(nn.Module):
@@ -47,20 +51,38 @@ class HighResCrossAttention(nn.Module):
     biases); "xavier" also gives out_proj xavier_uniform_, as FASeg's layers do.
     """
 
-    def __init__(self, embed_dim: int, num_heads: int, mode: str = "window", ratio: int = 32,
-                 per_query: bool = False, bias: bool = True, batch_first: bool = True, init: str = "default",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        embed_dim: int,
+        num_heads: int,
+        mode: str = "window",
+        ratio: int = 32,
+        per_query: bool = False,
+        bias: bool = True,
+        batch_first: bool = True,
+        init: str = "default",
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
         super().__init__()
         if mode not in ("window", "bilinear"):
             raise ValueError(f"HighResCrossAttention: mode must be 'window' or 'bilinear', got {mode!r}")
         if per_query and mode == "window":
-            raise ValueError("HighResCrossAttention: window selection is shared by the queries of an image; "
-                             "per_query needs mode='bilinear'")
+            raise ValueError(
+                "HighResCrossAttention: window selection is shared by the queries of an image; "
+                "per_query needs mode='bilinear'"
+            )
         if embed_dim % num_heads:
             raise ValueError(f"HighResCrossAttention: embed_dim {embed_dim} is not divisible by num_heads {num_heads}")
         if init not in INITS:
             raise ValueError(f"HighResCrossAttention: init must be one of {INITS}, got {init!r}")
-        self.embed_dim, self.num_heads, self.mode, self.ratio, self.per_query = embed_dim, num_heads, mode, ratio, per_query
+        self.embed_dim, self.num_heads, self.mode, self.ratio, self.per_query = (
+            embed_dim,
+            num_heads,
+            mode,
+            ratio,
+            per_query,
+        )
         self.batch_first, self.init = batch_first, init
         factory = dict(device=device, dtype=dtype)
         self.in_proj_weight = nn.Parameter(torch.empty(3 * embed_dim, embed_dim, **factory))
@@ -78,15 +100,19 @@ class HighResCrossAttention(nn.Module):
             nn.init.zeros_(self.out_proj.bias)
 
     def extra_repr(self) -> str:
-        return (f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, ratio={self.ratio}, "
-                f"per_query={self.per_query}, batch_first={self.batch_first}")
+        return (
+            f"embed_dim={self.embed_dim}, num_heads={self.num_heads}, mode={self.mode!r}, ratio={self.ratio}, "
+            f"per_query={self.per_query}, batch_first={self.batch_first}"
+        )
 
-    def select(self, low_scores: Tensor, low_hw, high_hw) -> Tensor:
+    def select(
+        self, low_scores: Tensor, low_hw: tuple[int, int] | Sequence[int], high_hw: tuple[int, int] | Sequence[int]
+    ) -> Tensor:
         """Indices into the flattened high-resolution map: [B, S] shared, or [B, N, S] per query; S = 0
         when n_low < ratio (FASeg then selects nothing)."""
         cells = low_scores.shape[-1] // self.ratio
         if cells == 0:
-            return low_scores.new_zeros(low_scores.shape[:2 if self.per_query else 1] + (0,), dtype=torch.long)
+            return low_scores.new_zeros(low_scores.shape[: 2 if self.per_query else 1] + (0,), dtype=torch.long)
         if self.mode == "window":
             return op.select_windows(low_scores, low_hw, high_hw, cells)
         pixels = cells * window_size(low_hw, high_hw) ** 2
@@ -95,17 +121,28 @@ class HighResCrossAttention(nn.Module):
     def _heads(self, x: Tensor) -> Tensor:  # [B, T, C] -> [B, H, T, D]
         return x.unflatten(-1, (self.num_heads, -1)).transpose(1, 2)
 
-    def forward(self, query: Tensor, memory: Tensor, pos: Tensor | None, query_pos: Tensor | None,
-                low_scores: Tensor, low_hw, high_hw) -> Tensor:
+    def forward(
+        self,
+        query: Tensor,
+        memory: Tensor,
+        pos: Tensor | None,
+        query_pos: Tensor | None,
+        low_scores: Tensor,
+        low_hw: tuple[int, int] | Sequence[int],
+        high_hw: tuple[int, int] | Sequence[int],
+    ) -> Tensor:
         """query [B, N, C], memory/pos [B, L_high, C], query_pos [B, N, C] ([N, B, C] and [L_high, B, C]
         with batch_first=False), low_scores [B, N, n_low] (head-averaged attention of the block's first
         low-resolution layer, as FASeg keeps it) -> [B, N, C] ([N, B, C])."""
         if not self.batch_first:
-            query, memory, pos, query_pos = (None if t is None else t.transpose(0, 1)
-                                             for t in (query, memory, pos, query_pos))
+            query, memory, pos, query_pos = (
+                None if t is None else t.transpose(0, 1) for t in (query, memory, pos, query_pos)
+            )
         if memory.shape[1] != high_hw[0] * high_hw[1]:
-            raise ValueError(f"HighResCrossAttention: memory has {memory.shape[1]} positions, high_hw {tuple(high_hw)} "
-                             f"makes {high_hw[0] * high_hw[1]}")
+            raise ValueError(
+                f"HighResCrossAttention: memory has {memory.shape[1]} positions, high_hw {tuple(high_hw)} "
+                f"makes {high_hw[0] * high_hw[1]}"
+            )
         index = self.select(low_scores, low_hw, high_hw)
         w_q, w_k, w_v = self.in_proj_weight.chunk(3)
         b_q, b_k, b_v = self.in_proj_bias.chunk(3) if self.in_proj_bias is not None else (None,) * 3

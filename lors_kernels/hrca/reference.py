@@ -12,25 +12,32 @@ Ties go to the lower index; the returned indices are sorted ascending (row-major
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 import torch.nn.functional as F
+from torch import Tensor
 
 
-def window_size(low_hw, high_hw) -> int:
+def window_size(low_hw: tuple[int, int] | Sequence[int], high_hw: tuple[int, int] | Sequence[int]) -> int:
     (lh, lw), (hh, hw) = low_hw, high_hw
     if hh % lh or hw % lw or hh // lh != hw // lw:
-        raise ValueError(f"high-resolution map {tuple(high_hw)} is not an integer multiple of the low-resolution "
-                         f"map {tuple(low_hw)} with one ratio for both sides")
+        raise ValueError(
+            f"high-resolution map {tuple(high_hw)} is not an integer multiple of the low-resolution "
+            f"map {tuple(low_hw)} with one ratio for both sides"
+        )
     return hh // lh
 
 
-def _topk_lowest_index(values: torch.Tensor, k: int):
+def _topk_lowest_index(values: Tensor, k: int):
     """Top-k along the last dim, ties broken by the lower index (a stable descending sort)."""
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
     return values.gather(-1, order), order
 
 
-def select_windows(scores: torch.Tensor, low_hw, high_hw, k: int) -> torch.Tensor:
+def select_windows(
+    scores: Tensor, low_hw: tuple[int, int] | Sequence[int], high_hw: tuple[int, int] | Sequence[int], k: int
+) -> Tensor:
     """scores [B, N, n_low] -> int64 pixel indices [B, k * ws * ws] into the flattened high-res map."""
     ws = window_size(low_hw, high_hw)
     lh, lw = low_hw
@@ -45,15 +52,22 @@ def select_windows(scores: torch.Tensor, low_hw, high_hw, k: int) -> torch.Tenso
 
 def _source_taps(out_size: int, in_size: int, device):
     """F.interpolate(mode="bilinear", align_corners=False) along one axis: (i0, i1, w1) per output."""
-    pos = ((torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5)
+    pos = (torch.arange(out_size, device=device, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5
     pos = pos.clamp_min(0)
     i0 = pos.floor().long().clamp_max(in_size - 1)
     i1 = (i0 + 1).clamp_max(in_size - 1)
     return i0, i1, (pos - i0)
 
 
-def select_topk_pixels(scores: torch.Tensor, low_hw, high_hw, k: int, *, per_query: bool = False,
-                       rows_per_chunk: int = 64) -> torch.Tensor:
+def select_topk_pixels(
+    scores: Tensor,
+    low_hw: tuple[int, int] | Sequence[int],
+    high_hw: tuple[int, int] | Sequence[int],
+    k: int,
+    *,
+    per_query: bool = False,
+    rows_per_chunk: int = 64,
+) -> Tensor:
     """scores [B, N, n_low] -> int64 indices [B, k] (shared: summed over queries) or [B, N, k] (per query)
     of the k largest pixels of the bilinearly upsampled map. Peak memory O(rows_per_chunk * W + k)."""
     (lh, lw), (hh, hw) = low_hw, high_hw
@@ -110,7 +124,7 @@ def _weighted(probs, vs):
     return (probs[..., None] * vs).sum(-2) if vs.dim() == 5 else probs @ vs
 
 
-def sparse_cross_attention(q, k, v, index, scale=None):
+def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float | None = None) -> Tensor:
     """softmax(q k_S^T * scale) v_S per head over the positions S in `index`.
 
     q [B, H, N, D], k/v [B, H, L, D], index [B, S] (shared by every query) or [B, N, S] (per query),
@@ -122,17 +136,21 @@ def sparse_cross_attention(q, k, v, index, scale=None):
     padded = not bool(mask.all())
     # padding: an additive mask at half the lowest finite value (-inf would give NaN for all-padding
     # rows; the lowest itself can overflow to -inf once a logit is added)
-    bias = torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min / 2) \
-        if padded else None
+    bias = (
+        torch.zeros(mask.shape, dtype=q.dtype, device=q.device).masked_fill(~mask, torch.finfo(q.dtype).min / 2)
+        if padded
+        else None
+    )
     if ks.dim() == 5:
-        out = F.scaled_dot_product_attention(q[:, :, :, None], ks, vs, attn_mask=None if bias is None else bias[..., None, :],
-                                             scale=scale)[:, :, :, 0]
+        out = F.scaled_dot_product_attention(
+            q[:, :, :, None], ks, vs, attn_mask=None if bias is None else bias[..., None, :], scale=scale
+        )[:, :, :, 0]
     else:
         out = F.scaled_dot_product_attention(q, ks, vs, attn_mask=bias, scale=scale)
     return out.masked_fill(~mask.any(-1)[..., None], 0) if padded else out
 
 
-def attention_with_lse(q, k, v, index, scale):
+def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(out, lse) from one gather: what the op's PyTorch path returns. lse is fp32 [B, H, N], +inf for a
     row with no valid key (the kernels' convention: exp(logit - lse) is then 0)."""
     ks, vs, mask, logits = _gather(q, k, v, index, scale)
@@ -149,7 +167,9 @@ def _scatter(grad_s, index, length):
     return out.scatter_add_(2, rows, grad_s.reshape(b, h, -1, d))
 
 
-def sparse_cross_attention_backward(dout, q, k, v, index, scale=None):
+def sparse_cross_attention_backward(
+    dout: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
     """(dq, dk, dv) of sparse_cross_attention, by the softmax backward written out (the custom op's
     reference backward runs below autograd). Padding slots have probability 0, so they add nothing."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale

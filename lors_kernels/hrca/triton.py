@@ -19,10 +19,12 @@ Logits are scaled by scale * log2(e) so the softmax runs on exp2.
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
 import triton
 import triton.language as tl
+from torch import Tensor
 
 from .. import triton_utils
 from ..triton_utils import block, dot_dtype, precision
@@ -243,7 +245,7 @@ def _index_strides(index: torch.Tensor):
     return [index.stride(0), index.stride(1) if index.dim() == 3 else 0]
 
 
-def attention_forward(q, k, v, index, scale):
+def attention_forward(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: float) -> tuple[Tensor, Tensor]:
     """(out [B, H, N, D] in q's dtype, lse [B, H, N] fp32, natural log). Last dims contiguous."""
     b, h, n, d = q.shape
     per_query = index.dim() == 3
@@ -275,7 +277,8 @@ def _scatter_rows(grad, slots, index):
     grad.view(-1, d).index_add_(0, rows.reshape(-1), slots.reshape(-1, d))
 
 
-def attention_backward(dout, q, k, v, index, out, lse, scale, deterministic):
+def attention_backward(dout: Tensor, q: Tensor, k: Tensor, v: Tensor, index: Tensor, out: Tensor, lse: Tensor,
+                       scale: float, deterministic: bool) -> tuple[Tensor, Tensor, Tensor]:
     b, h, n, d = q.shape
     length, s = k.shape[2], index.shape[-1]
     if q.numel() == 0 or s == 0:  # nothing attended to: no gradient anywhere
@@ -389,7 +392,8 @@ def topk_pixels_kernel(
     tl.store(out_ptr + row.to(tl.int64) * so_row + offs, 2147483647 - low, mask=offs < K)
 
 
-def topk_pixels(scores, low_hw, high_hw, k):
+def topk_pixels(scores: Tensor, low_hw: tuple[int, int] | Sequence[int], high_hw: tuple[int, int] | Sequence[int],
+                k: int) -> Tensor:
     """scores [R, n_low] fp32 (one map per row) -> int64 [R, k] pixel indices, unsorted."""
     (lh, lw), (hh, hw) = low_hw, high_hw
     rows = scores.shape[0]

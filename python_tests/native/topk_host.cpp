@@ -2,7 +2,7 @@
 // csrc/cuda/topk_select.h that the kernel runs: the same sum over queries, keys, digit passes (bins
 // found lane run by lane run, as the kernel's warp does) and chunked index-order compaction. What it
 // cannot run is the kernel's parallel bookkeeping: histogram atomics, warp scans, ballots.
-// test_csrc_cuda.py builds it with the host compiler and calls it through ctypes.
+// python_tests/hrca/test_cuda.py builds it with the host compiler and calls it through ctypes.
 #include <stdint.h>
 
 #include <vector>

@@ -1,0 +1,98 @@
+"""The structure of a converted model, for checkpoints: its LORS^T stacks as JSON-able data, and a
+dense model given those stacks again."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from torch import nn
+
+from ..static import LorsLinear, SharedWeight, shared_stacks
+from .modules import _stack_name, replace_modules
+
+__all__ = ["lors_structure", "restore_lors"]
+
+
+def lors_structure(model: nn.Module) -> dict:
+    """The LORS^T stacks of ``model`` as JSON-able data: for each stack its shape, the shared weight's
+    init and each layer's name, rank, groups, bias, scaling and dropout. ``lorsify`` stores it in a
+    Hugging Face model's ``config.lors`` (so ``save_pretrained`` writes it to config.json);
+    ``restore_lors`` rebuilds the stacks from it."""
+    stacks = [
+        {
+            "pattern": _stack_name([n for n, _ in layers]),
+            "in_features": shared.in_features,
+            "out_features": shared.out_features,
+            "init": shared.init,
+            "layers": [
+                {
+                    "name": n,
+                    "rank": layer.rank,
+                    "groups": layer.groups,
+                    "bias": layer.bias is not None,
+                    "scaling": layer.scaling,
+                    "dropout": layer.dropout,
+                }
+                for n, layer in layers
+            ],
+        }
+        for shared, layers in shared_stacks(model)
+    ]
+    return {"format": "lors_kernels", "version": 1, "stacks": stacks}
+
+
+def restore_lors(model: nn.Module, structure: dict | None = None) -> nn.Module:
+    """Give a dense model (the same architecture, e.g. built from its config) the LORS stacks that
+    ``structure`` (from ``lors_structure``; by default ``model.config.lors``) describes, in place and
+    with fresh values, ready to load the converted model's checkpoint. Stacks the model builds itself
+    (LorsAdaptiveMixing's output projection) are left as they are. Returns ``model``."""
+    if structure is None:
+        structure = getattr(getattr(model, "config", None), "lors", None)
+        if structure is None:
+            raise ValueError(
+                "restore_lors: no structure given, and the model has no config.lors (lorsify records "
+                "it in a Hugging Face model's config; elsewhere save lors_structure(model) yourself)"
+            )
+    if not isinstance(structure, Mapping) or structure.get("format") != "lors_kernels" or structure.get("version") != 1:
+        raise ValueError("restore_lors: not a lors_kernels structure (version 1) as lors_structure returns")
+    new = {}
+    for stack in structure["stacks"]:
+        shape = (stack["in_features"], stack["out_features"])
+        names = [spec["name"] for spec in stack["layers"]]
+        try:
+            modules = [model.get_submodule(n) for n in names]
+        except AttributeError as e:
+            raise ValueError(f"restore_lors: stack {stack['pattern']}: {e}") from None
+        if (
+            all(isinstance(m, LorsLinear) for m in modules)
+            and len({id(m.shared) for m in modules}) == 1
+            and [(m.in_features, m.out_features, m.rank, m.groups) for m in modules]
+            == [(*shape, spec["rank"], spec["groups"]) for spec in stack["layers"]]
+        ):
+            continue  # built by the model itself
+        bad = [
+            f"{n} ({type(m).__name__})"
+            for n, m in zip(names, modules)
+            if type(m) is not nn.Linear or (m.in_features, m.out_features) != shape
+        ]
+        if bad:
+            raise ValueError(
+                f"restore_lors: stack {stack['pattern']} needs nn.Linear{shape} layers to replace; "
+                f"found {', '.join(bad[:4])}"
+            )
+        weight = modules[0].weight
+        factory = {"device": weight.device, "dtype": weight.dtype}
+        shared = SharedWeight(*shape, init=stack["init"], **factory)
+        for module, spec in zip(modules, stack["layers"]):
+            new[id(module)] = LorsLinear(
+                *shape,
+                rank=spec["rank"],
+                groups=spec["groups"],
+                bias=spec["bias"],
+                shared=shared,
+                scaling=spec["scaling"],
+                dropout=spec["dropout"],
+                **factory,
+            )
+    replace_modules(model, new)
+    return model

@@ -1,0 +1,214 @@
+"""`lors::lors_linear`: input checks, the table of implementations, the public function."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor
+
+from .. import backend
+from ..registry import Impl, Measured, as_rows, define_op, public, shape_str
+from . import reference
+
+if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
+    from . import triton as kernels
+
+FLOAT_DTYPES = (*backend.TRITON_DTYPES, torch.float64)
+# The CUDA decode kernel's limits (csrc/cuda/static.h: kDecodeMaxRows, kDecodeMaxRank).
+NATIVE_CUDA_MAX_ROWS = 16
+NATIVE_CUDA_MAX_RANK = 512
+
+
+def native_wins(m: int, n: int, k: int, dtype: torch.dtype) -> bool:
+    """Where the native CPU kernel (one pass over the weight) beat eager PyTorch, measured on the
+    project's 2-core AMD EPYC: fp32 up to M = 16 at every size; bf16 only for the smallest products,
+    because torch's bf16 GEMM uses the CPU's AVX512-BF16 dot instructions and the kernel does not."""
+    if dtype == torch.float32:
+        return m <= 16
+    return m <= 2 or m * n * k <= 1 << 22
+
+
+def check_lors_linear(
+    x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None, scaling: float | None = None
+) -> None:
+    """Raise a clear error for bad input; the common valid case costs a few attribute reads."""
+    try:
+        ws, ds, us, dtype, device = weight.shape, down.shape, up.shape, x.dtype, x.device
+        if (
+            len(ws) == 2
+            and len(ds) == 2
+            and len(us) == 2
+            and x.ndim >= 1
+            and x.shape[-1] == ws[1] == ds[1]
+            and us[0] == ws[0]
+            and us[1] == ds[0]
+            and dtype in FLOAT_DTYPES
+            and weight.dtype == dtype
+            and down.dtype == dtype
+            and up.dtype == dtype
+            and weight.device == device
+            and down.device == device
+            and up.device == device
+            and (bias is None or (bias.shape == ws[:1] and bias.dtype == dtype and bias.device == device))
+        ):
+            return
+    except AttributeError:  # not a tensor: said below
+        pass
+    _explain_bad_inputs(x, weight, down, up, bias)
+
+
+def _explain_bad_inputs(x, weight, down, up, bias) -> None:
+    named = {"x": x, "weight": weight, "down": down, "up": up}
+    if bias is not None:
+        named["bias"] = bias
+    for name, t in named.items():
+        if not isinstance(t, Tensor):
+            raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
+    for name, t in named.items():
+        if t.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {FLOAT_DTYPES}")
+    if x.dim() < 1:
+        raise ValueError(f"lors_linear: x must have at least one dimension [..., in], got shape {shape_str(x)}")
+    for name, dim in (("weight", 2), ("down", 2), ("up", 2), ("bias", 1)):
+        if name in named and named[name].dim() != dim:
+            raise ValueError(f"lors_linear: {name} must be {dim}-D, got shape {shape_str(named[name])}")
+    out_f, in_f = weight.shape
+    r = down.shape[0]
+    if x.shape[-1] != in_f:
+        raise ValueError(
+            f"lors_linear: x {shape_str(x)} has {x.shape[-1]} input features but weight "
+            f"{shape_str(weight)} expects {in_f}"
+        )
+    if down.shape[1] != in_f:
+        raise ValueError(
+            f"lors_linear: down {shape_str(down)} must be [rank, in] = [R, {in_f}] for weight {shape_str(weight)}"
+        )
+    if tuple(up.shape) != (out_f, r):
+        raise ValueError(
+            f"lors_linear: up {shape_str(up)} must be [out, rank] = [{out_f}, {r}] "
+            f"for weight {shape_str(weight)} and down {shape_str(down)}"
+        )
+    if bias is not None and bias.shape[0] != out_f:
+        raise ValueError(f"lors_linear: bias {shape_str(bias)} must be [{out_f}] for weight {shape_str(weight)}")
+    dtypes = {name: t.dtype for name, t in named.items()}
+    if len(set(dtypes.values())) > 1:
+        raise TypeError(
+            "lors_linear: all tensors must share one dtype, got "
+            + ", ".join(f"{n}={d}" for n, d in dtypes.items())
+            + f"; convert them first, e.g. weight.to(x.dtype) for x in {x.dtype}"
+        )
+    devices = {name: t.device for name, t in named.items()}
+    raise ValueError(
+        "lors_linear: all tensors must be on one device, got " + ", ".join(f"{n}={d}" for n, d in devices.items())
+    )
+
+
+# The kernels take x as rows [M, in]; the op takes x [..., in].
+
+
+def _unrows(y: Tensor, x: Tensor) -> Tensor:
+    """The kernels' rows [M, out] back to x's leading dims."""
+    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+
+
+def _triton_forward(x, weight, down, up, bias, scaling):
+    return _unrows(kernels.lors_linear_forward(as_rows(x), weight, down, up, bias, scaling), x)
+
+
+def _native_cuda_forward(x, weight, down, up, bias, scaling):
+    return _unrows(backend.native().lors_linear_forward_cuda(as_rows(x), weight, down, up, bias, scaling), x)
+
+
+def _native_cpu_forward(x, weight, down, up, bias, scaling):
+    return _unrows(backend.native().lors_linear_forward_cpu(as_rows(x), weight, down, up, bias, scaling), x)
+
+
+def _backward_args(c, grad):
+    return as_rows(grad), as_rows(c.x), c.weight, c.down, c.up, c.scaling, c.bias is not None, c.needs.x
+
+
+def _with_x_shape(grads, c):
+    dx, dweight, ddown, dup, dbias = grads
+    return (None if dx is None else dx.reshape(c.x.shape)), dweight, ddown, dup, dbias
+
+
+def _triton_backward(c, grad):
+    return _with_x_shape(kernels.lors_linear_backward(*_backward_args(c, grad)), c)
+
+
+def _reference_backward(c, grad):
+    return _with_x_shape(reference.lors_linear_backward(*_backward_args(c, grad)), c)
+
+
+def _rows(c) -> int:
+    return math.prod(c.x.shape[:-1])
+
+
+def _shape_class(c):
+    """Rows rounded up to a power of two; the weight's and the pair's sizes, dtype, bias or not."""
+    return (1 << max(_rows(c) - 1, 0).bit_length(), *c.weight.shape, c.down.shape[0], c.x.dtype, c.bias is None)
+
+
+lors_linear_op = define_op(
+    "lors_linear",
+    "(Tensor x, Tensor weight, Tensor down, Tensor up, Tensor? bias, float scaling) -> Tensor",
+    check=check_lors_linear,
+    fake=lambda x, weight, down, up, bias, scaling: x.new_empty((*x.shape[:-1], weight.shape[0])),
+    grads=("x", "weight", "down", "up", "bias"),
+    impls=[
+        # Never slower than the composite addmm(bias, x, W^T).addmm_(x down^T, up^T) (the reference on
+        # CUDA): measured on the first call of each shape class.
+        Impl(
+            "triton",
+            "cuda",
+            _triton_forward,
+            _triton_backward,
+            wins=Measured(_shape_class),
+            fits=lambda c: c.x.dtype in backend.TRITON_DTYPES,
+            takes="float32, float16, bfloat16",
+        ),
+        # The CUDA decode kernel runs only when forced: nothing has measured it against Triton yet.
+        Impl(
+            "native",
+            "cuda",
+            _native_cuda_forward,
+            _triton_backward,
+            auto=False,
+            fits=lambda c: (
+                c.x.dtype in backend.TRITON_DTYPES
+                and _rows(c) <= NATIVE_CUDA_MAX_ROWS
+                and c.down.shape[0] <= NATIVE_CUDA_MAX_RANK
+                and backend.native_has_cuda()
+            ),
+            takes=f"float32/16, bfloat16, at most {NATIVE_CUDA_MAX_ROWS} rows and rank {NATIVE_CUDA_MAX_RANK}, "
+            "in CUDA builds",
+        ),
+        Impl(
+            "native",
+            "cpu",
+            _native_cpu_forward,
+            _reference_backward,
+            fits=lambda c: c.x.dtype in backend.NATIVE_CPU_DTYPES,
+            wins=lambda c: native_wins(_rows(c), c.weight.shape[0], c.weight.shape[1], c.x.dtype),
+            takes="float32, bfloat16",
+        ),
+        # Recording a call, the reference's own autograd saves x @ down^T instead of recomputing it, as the
+        # eager code it replaces does.
+        Impl("reference", None, reference.lors_linear, _reference_backward, eager=reference.lors_linear),
+    ],
+)
+
+
+@public(lors_linear_op)
+def lors_linear(
+    x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None, *, scaling: float = 1.0
+) -> tuple:
+    """Static LORS linear: ``x @ weight.T + scaling * (x @ down.T) @ up.T + bias``.
+
+    x [..., in], weight [out, in] (the shared weight), down [R, in], up [out, R], bias [out] or None.
+    R may be 0. Differentiable in every tensor; never builds ``weight + up @ down`` for small batches.
+    Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
+    ``lors_linear.route(...)`` (same arguments) tells which implementation the call takes.
+    """
+    return x, weight, down, up, bias, float(scaling)

@@ -1,0 +1,53 @@
+"""Pure-PyTorch static LORS: the test oracle and the CPU fallback.
+
+    y = x @ W^T + scaling * (x @ down^T) @ up^T + bias
+
+Factored: the effective weight W + scaling * up @ down is only built when that costs fewer FLOPs
+than the two thin matmuls (large M), never for small M.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def materialize_is_cheaper(m: int, n: int, k: int, r: int) -> bool:
+    """Building W_eff costs n*r*k (+ n*k adds); the factored path costs m*r*(k + n)."""
+    return r > 0 and m * (k + n) > n * k + n * k // max(r, 1)
+
+
+def lors_linear(
+    x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None, scaling: float = 1.0
+) -> Tensor:
+    r = down.shape[0]
+    if r == 0 and not (torch.is_grad_enabled() and (down.requires_grad or up.requires_grad)):
+        return F.linear(x, weight, bias)  # recorded, the general path gives down and up their (empty) gradients
+    m = math.prod(x.shape[:-1])
+    if materialize_is_cheaper(m, weight.shape[0], weight.shape[1], r):
+        return F.linear(x, torch.addmm(weight, up, down, alpha=scaling), bias)
+    # As eager code at its best writes it: the GEMM with its bias, then the low-rank term added in place.
+    x2 = x.reshape(m, x.shape[-1])
+    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
+    return y.addmm_(x2 @ down.t(), up.t(), alpha=scaling).reshape(*x.shape[:-1], weight.shape[0])
+
+
+def lors_linear_backward(
+    grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor, scaling: float, has_bias: bool, needs_x: bool
+) -> tuple[Tensor | None, Tensor, Tensor, Tensor, Tensor | None]:
+    """Every gradient of :func:`lors_linear` from the formulas; grad [M, N] and x [M, K].
+
+    dx = g W + s (g up) down,  dW = g^T x,  dup = s g^T (x down^T),  ddown = s (g up)^T x,  db = sum g.
+    Returns (dx or None, dweight, ddown, dup, dbias or None).
+    """
+    t = x @ down.t()  # [M, R]
+    gu = grad @ up  # [M, R]
+    dx = grad @ weight + scaling * (gu @ down) if needs_x else None
+    dweight = grad.t() @ x
+    dup = scaling * (grad.t() @ t)
+    ddown = scaling * (gu.t() @ x)
+    dbias = grad.sum(0) if has_bias else None
+    return dx, dweight, ddown, dup, dbias
