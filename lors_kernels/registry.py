@@ -278,6 +278,8 @@ class Op:
         def backward(ctx, *grads):
             needs = ctx.needs_input_grad[1:]
             inputs, outputs = op._unpack(ctx)
+            if torch.is_grad_enabled():  # create_graph=True: the gradients must be differentiable themselves
+                return None, *op._recorded_grads(inputs, needs, grads[: op.returns])
             result = op._backward(ctx.impl, inputs, outputs, [needs[i] for i in op.grads], grads[: op.returns])
             return None, *op._spread(result, needs)
 
@@ -311,6 +313,23 @@ class Op:
         """impl's backward, given the inputs and saved outputs by name."""
         saved = self.Saved(*args, *outputs, self.Needs(*needs))
         return _run(impl, impl.backward, (saved, *grads), _device(args))
+
+    def _recorded_grads(self, inputs, needs, grads) -> list:
+        """The gradients as autograd computes them through the reference, recorded: what a backward with
+        create_graph=True gets (double backward, gradient penalties), whatever route ran the forward,
+        since the kernels' own backwards are not differentiable."""
+        reference = self.impls[-1]
+        outputs = reference.forward(*inputs)  # the written-out forward: twice differentiable (SDPA on CPU is not)
+        outputs = outputs if isinstance(outputs, tuple) else (outputs,)
+        pairs = [(o, g) for o, g in zip(outputs[: self.returns], grads) if o.requires_grad]
+        wrt = [i for i, need in enumerate(needs) if need]
+        result = torch.autograd.grad(
+            [o for o, _ in pairs], [inputs[i] for i in wrt], [g for _, g in pairs], create_graph=True, allow_unused=True
+        )
+        recorded = [None] * len(inputs)
+        for i, g in zip(wrt, result):
+            recorded[i] = g
+        return recorded
 
     def _spread(self, result, needs):
         """One gradient per input (None where not asked for) from one per differentiable input."""

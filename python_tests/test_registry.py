@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, op_calls
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from lors_kernels import registry, triton_utils
@@ -286,3 +287,30 @@ def test_activation_checkpointing_recomputes_the_same_gradients(name):
     out = torch.utils.checkpoint.checkpoint(call.run, use_reentrant=False)
     for got, expected in zip(torch.autograd.grad(out.square().sum(), call.inputs), want):
         torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.parametrize("backend_name", ["native", "triton", "reference"])
+@pytest.mark.parametrize("name", [n for n in op_calls() if not n.startswith("select")])
+def test_gradients_taken_with_create_graph_are_differentiable_on_every_route(name, backend_name, use_backend):
+    """A backward with create_graph=True (double backward, gradient penalties) gets the gradients the
+    reference's autograd records, so a second gradient matches the reference route's."""
+
+    def second_gradients():
+        call = op_calls(KERNEL_DEVICE, torch.float32)[name]
+        out = call.run()
+        out = out[0] if isinstance(out, tuple) else out
+        first = torch.autograd.grad((out * out).sum(), call.inputs, create_graph=True, allow_unused=True)
+        penalty = sum((g * g).sum() for g in first if g is not None)
+        return torch.autograd.grad(penalty, call.inputs, allow_unused=True)
+
+    # The reference's attention is PyTorch's SDPA, whose CPU flash kernel has no double backward; its math
+    # kernel has one.
+    with sdpa_kernel([SDPBackend.MATH]):
+        use_backend("reference")
+        expected = second_gradients()
+        use_backend(backend_name)
+        got = second_gradients()
+    for i, (g, e) in enumerate(zip(got, expected)):
+        assert (g is None) == (e is None), i
+        if g is not None:
+            assert_close(g, e.double(), torch.float32, f"second gradient {i}")

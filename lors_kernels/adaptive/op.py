@@ -277,6 +277,28 @@ def check_generate_mixing_weights(
             raise ValueError(
                 f"generate_mixing_weights: {name} {shape_str(bias)} must be one value per row of its weight"
             )
+    given = {
+        n: t
+        for n, t in (
+            ("query", q),
+            ("gen_weight", gen_weight),
+            ("gen_bias", gen_bias),
+            ("core_weight", core_weight),
+            ("core_bias", core_bias),
+        )
+        if t is not None
+    }
+    if any(t.dtype != q.dtype for t in given.values()) or q.dtype not in (*backend.TRITON_DTYPES, torch.float64):
+        raise TypeError(
+            "generate_mixing_weights: all tensors must share one floating dtype, got "
+            + ", ".join(f"{n}={t.dtype}" for n, t in given.items())
+            + "; convert them first, e.g. gen_weight.to(query.dtype)"
+        )
+    if any(t.device != q.device for t in given.values()):
+        raise ValueError(
+            "generate_mixing_weights: all tensors must be on one device, got "
+            + ", ".join(f"{n}={t.device}" for n, t in given.items())
+        )
 
 
 def _generated(q, gen_weight, gen_bias, core_weight, core_bias):

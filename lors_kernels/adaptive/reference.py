@@ -119,13 +119,14 @@ def split_generated(
     """The generator's outputs in the official layout (group outer, then M before S):
     mixing [BN, G*(C_in*C_out + P_in*P_out)] -> M [BN, G, C_in, C_out], S [BN, G, P_out, P_in]; cores
     [BN, 2*G*K*r*r] (or None) -> Q^M, Q^S [BN, G*K, r, r]."""
-    bn = mixing.shape[0]
-    m, s = mixing.reshape(bn, groups, -1).split([in_channels * out_channels, in_points * out_points], dim=-1)
+    bn, per_group = mixing.shape[0], in_channels * out_channels + in_points * out_points
+    # Sizes spelled out: with BN = 0 a -1 could be anything, and reshape refuses it.
+    m, s = mixing.reshape(bn, groups, per_group).split([in_channels * out_channels, in_points * out_points], dim=-1)
     m = m.reshape(bn, groups, in_channels, out_channels)
     s = s.reshape(bn, groups, out_points, in_points)
     if cores is None:
         return m, s
-    cores = cores.reshape(bn, 2, -1, rank, rank)
+    cores = cores.reshape(bn, 2, cores.shape[1] // (2 * rank * rank), rank, rank)
     return m, s, cores[:, 0], cores[:, 1]
 
 

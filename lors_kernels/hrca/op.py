@@ -41,7 +41,11 @@ def _check_scores(name, scores, low_hw, high_hw, k, limit, what):
         raise ValueError(f"{name}: k = {k} must be between 1 and the number of {what} ({limit})")
 
 
-def _maps(low_hw, high_hw):
+def _maps(name: str, low_hw, high_hw) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The two map sizes as (height, width) int pairs; anything else is a clear error."""
+    for label, hw in (("low_hw", low_hw), ("high_hw", high_hw)):
+        if isinstance(hw, (str, bytes)) or not hasattr(hw, "__len__") or len(hw) != 2:
+            raise TypeError(f"{name}: {label} must be a (height, width) pair, got {hw!r}")
     return (int(low_hw[0]), int(low_hw[1])), (int(high_hw[0]), int(high_hw[1]))
 
 
@@ -77,7 +81,7 @@ def select_windows(
     """FASeg's window selection: scores [B, N, n_low] summed over queries, the k best low-resolution
     cells, each expanded to its ws x ws window of the high-resolution map -> int64 [B, k * ws * ws]
     (cells row-major, pixels row-major inside a window). Ties go to the lower cell index."""
-    low_hw, high_hw = _maps(low_hw, high_hw)
+    low_hw, high_hw = _maps("select_windows", low_hw, high_hw)
     return scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw, int(k)
 
 
@@ -146,7 +150,7 @@ def select_topk_pixels(
     per image (scores summed over queries, -> int64 [B, k]) or per query (-> [B, N, k]); sorted
     ascending, ties to the lower index. The upsampled map is never materialized: on CUDA one Triton
     program per map keeps a running top-k (k <= 4096), elsewhere rows are merged a chunk at a time."""
-    low_hw, high_hw = _maps(low_hw, high_hw)
+    low_hw, high_hw = _maps("select_topk_pixels", low_hw, high_hw)
     return scores.detach() if isinstance(scores, Tensor) else scores, *low_hw, *high_hw, int(k), bool(per_query)
 
 

@@ -47,7 +47,7 @@ def select_windows(
     d = torch.arange(ws, device=scores.device)
     rows = (cy[:, :, None] * ws + d)[:, :, :, None]  # [B, k, ws, 1]
     cols = (cx[:, :, None] * ws + d)[:, :, None, :]  # [B, k, 1, ws]
-    return (rows * (lw * ws) + cols).reshape(scores.shape[0], -1)
+    return (rows * (lw * ws) + cols).reshape(scores.shape[0], cells.shape[1] * ws * ws)  # B may be 0: no -1
 
 
 def _source_taps(out_size: int, in_size: int, device):
@@ -96,16 +96,23 @@ def select_topk_pixels(
 def _rows(k, v, index, n):
     """(K_S, V_S, mask): the listed rows and which slots are real. Shared: K_S [B, H, S, D], mask
     [B, 1, 1, S]; per query: K_S [B, H, N, S, D] (every query's own rows), mask [B, 1, N, S]."""
-    b, h, _, d = k.shape
+    b, h, length, d = k.shape
     index = index.long()
     safe = index.clamp_min(0)
+    if not length:  # no keys, every entry padding: one zero row to gather from (masked below)
+        k, v = F.pad(k, (0, 0, 0, 1)), F.pad(v, (0, 0, 0, 1))
     if index.dim() == 3:
         gather = safe[:, None, :, :, None].expand(b, h, n, safe.shape[-1], d)
         ks = k[:, :, None].expand(b, h, n, *k.shape[2:]).gather(3, gather)
         vs = v[:, :, None].expand(b, h, n, *v.shape[2:]).gather(3, gather)
-        return ks, vs, (index >= 0)[:, None]
-    gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
-    return k.gather(2, gather), v.gather(2, gather), (index >= 0)[:, None, None, :]
+        mask, slots = (index >= 0)[:, None], (index >= 0)[:, None, :, :, None]
+    else:
+        gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
+        ks, vs = k.gather(2, gather), v.gather(2, gather)
+        mask, slots = (index >= 0)[:, None, None, :], (index >= 0)[:, None, :, None]
+    # Padding slots read row 0: zeroed, so that what row 0 holds (NaN, inf) cannot reach a result that
+    # does not select it (a zero probability times NaN is NaN).
+    return ks.masked_fill(~slots, 0), vs.masked_fill(~slots, 0), mask
 
 
 def _gather(q, k, v, index, scale):
@@ -162,9 +169,12 @@ def attention_with_lse(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale: fl
 def _scatter(grad_s, index, length):
     """Sum slot gradients [B, H, S, D] or [B, H, N, S, D] into rows [B, H, L, D] at their index."""
     b, h, d = grad_s.shape[0], grad_s.shape[1], grad_s.shape[-1]
-    rows = index.long().clamp_min(0).reshape(b, 1, -1, 1).expand(b, h, -1, d)
     out = grad_s.new_zeros((b, h, length, d))
-    return out.scatter_add_(2, rows, grad_s.reshape(b, h, -1, d))
+    if not length:  # no keys: every entry was padding
+        return out
+    slots = index.numel() // b if b else 0  # spelled out: with B = 0 a -1 could be anything
+    rows = index.long().clamp_min(0).reshape(b, 1, slots, 1).expand(b, h, slots, d)
+    return out.scatter_add_(2, rows, grad_s.reshape(b, h, slots, d))
 
 
 def sparse_cross_attention_backward(

@@ -109,3 +109,37 @@ def test_generation_opcheck_and_errors():
         lk.generate_mixing_weights(q, gw[:-1], gb, **shape)
     with pytest.raises(ValueError, match="core_weight"):
         lk.generate_mixing_weights(q, gw, gb, cw[:-1], cb, **shape)
+
+
+@pytest.mark.parametrize("with_cores", [False, True], ids=["mixing", "mixing+cores"])
+@pytest.mark.parametrize("backend_name", ["reference", "triton"])
+def test_generation_of_no_queries_is_empty_with_zero_gradients(backend_name, with_cores, use_backend):
+    use_backend(backend_name)
+    q = torch.randn(0, 16, device=KERNEL_DEVICE, requires_grad=True)
+    gen_weight = torch.randn(2 * (4 * 4 + 3 * 5), 16, device=KERNEL_DEVICE, requires_grad=True)
+    core_weight = torch.randn(2 * 2 * 3 * 2 * 2, 16, device=KERNEL_DEVICE, requires_grad=True) if with_cores else None
+    layout = dict(groups=2, in_channels=4, out_channels=4, in_points=3, out_points=5, rank=2 if with_cores else 0)
+    out = lk.generate_mixing_weights(q, gen_weight, None, core_weight, None, **layout)
+    shapes = [(0, 2, 4, 4), (0, 2, 5, 3)] + ([(0, 6, 2, 2)] * 2 if with_cores else [])
+    assert [tuple(t.shape) for t in out] == shapes
+    leaves = [t for t in (q, gen_weight, core_weight) if t is not None]
+    grads = torch.autograd.grad(sum(t.sum() for t in out), leaves)
+    assert [tuple(g.shape) for g in grads] == [tuple(t.shape) for t in leaves]
+    assert not any(bool(g.any()) for g in grads)
+
+
+GENERATION_MIXES = {  # (which input, how it is changed, error, message)
+    "meta_weight": ("gen_weight", lambda t: t.to("meta"), ValueError, r"one device.*gen_weight=meta"),
+    "double_bias": ("gen_bias", torch.Tensor.double, TypeError, r"one floating dtype.*gen_bias=torch.float64"),
+    "int_query": ("query", lambda t: t.long(), TypeError, r"one floating dtype.*query=torch.int64"),
+}
+
+
+@pytest.mark.parametrize("case", list(GENERATION_MIXES))
+def test_generation_inputs_on_other_devices_or_dtypes_are_named(case):
+    name, change, error, message = GENERATION_MIXES[case]
+    given = {"query": torch.randn(5, 8), "gen_weight": torch.randn(20, 8), "gen_bias": torch.randn(20)}
+    given[name] = change(given[name])
+    shape = dict(groups=2, in_channels=2, out_channels=2, in_points=2, out_points=3)
+    with pytest.raises(error, match=message):
+        lk.generate_mixing_weights(given["query"], given["gen_weight"], given["gen_bias"], **shape)

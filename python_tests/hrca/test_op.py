@@ -102,3 +102,87 @@ def test_selection_op_errors():
         lk.select_windows(scores, (3, 5), (6, 10), 2)
     with pytest.raises(ValueError, match="integer multiple"):
         lk.select_windows(scores, (3, 4), (7, 8), 2)
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
+@pytest.mark.parametrize("backend_name", ["auto", "reference", "native", "triton"])
+def test_rows_no_index_selects_cannot_reach_the_result(backend_name, per_query, use_backend):
+    """NaN and inf in key/value rows that no index entry lists (row 0 among them, which padding slots
+    read before they are masked) leave the output and the gradients of q, k, v finite and exact."""
+    use_backend(None if backend_name == "auto" else backend_name)
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (
+        torch.randn(2, 2, 4, 8, generator=g),
+        torch.randn(2, 2, 6, 8, generator=g),
+        torch.randn(2, 2, 6, 8, generator=g),
+    )
+    index = torch.tensor([[3, 1, -1, 4, 1], [5, -1, -1, 2, 3]])
+    if per_query:
+        index = index[:, None].expand(2, 4, 5).contiguous()
+    k[:, :, 0], v[:, :, 0] = float("nan"), float("inf")  # row 0: never listed
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = lk.sparse_cross_attention(*leaves, index)
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    expected = _masked_attention64(q, k, v, index)
+    torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+    assert all(bool(torch.isfinite(t).all()) for t in grads)
+    assert not bool(grads[1][:, :, 0].any()) and not bool(grads[2][:, :, 0].any())  # row 0: zero gradient
+
+
+def _masked_attention64(q, k, v, index):
+    """softmax over the listed rows only, in float64, from the rows themselves (no padding read)."""
+    q, k, v = (t.detach().double() for t in (q, k, v))
+    b, h, n, _ = q.shape
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for ni in range(n):
+            rows = index[bi] if index.dim() == 2 else index[bi, ni]
+            rows = rows[rows >= 0]
+            for hi in range(h):
+                logits = (k[bi, hi, rows] @ q[bi, hi, ni]) * q.shape[-1] ** -0.5
+                out[bi, hi, ni] = torch.softmax(logits, 0) @ v[bi, hi, rows]
+    return out
+
+
+EMPTY_ATTENTION = {  # (B, L keys, S slots): every index entry padding when there are no keys
+    "no_images": (0, 6, 4),
+    "no_keys": (2, 0, 4),
+    "no_slots": (2, 6, 0),
+}
+
+
+@pytest.mark.parametrize("per_query", [False, True], ids=["shared", "per_query"])
+@pytest.mark.parametrize("case", list(EMPTY_ATTENTION))
+@pytest.mark.parametrize("backend_name", ["auto", "reference", "native", "triton"])
+def test_attention_of_empty_sets_gives_zeros_and_zero_gradients(backend_name, case, per_query, use_backend):
+    use_backend(None if backend_name == "auto" else backend_name)
+    b, length, slots = EMPTY_ATTENTION[case]
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(b, 2, 3, 8, generator=g), *(torch.randn(b, 2, length, 8, generator=g) for _ in "kv"))
+    shape = (b, 3, slots) if per_query else (b, slots)
+    index = torch.randint(0, length, shape, generator=g) if length else torch.full(shape, -1)
+    leaves = [t.requires_grad_() for t in (q, k, v)]
+    out = lk.sparse_cross_attention(*leaves, index)
+    assert out.shape == q.shape and not bool(out.any())
+    grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+    assert [g.shape for g in grads] == [t.shape for t in leaves] and not any(bool(g.any()) for g in grads)
+
+
+@pytest.mark.parametrize("backend_name", ["reference", "native", "triton"])
+def test_window_selection_of_no_images_is_empty(backend_name, use_backend):
+    use_backend(backend_name)
+    assert lk.select_windows(torch.randn(0, 5, 16), (4, 4), (8, 8), 2).shape == (0, 2 * 2 * 2)
+
+
+BAD_MAPS = {
+    "high_hw_3": ((4, 4), (8, 8, 1), "high_hw must be a .height, width. pair, got \\(8, 8, 1\\)"),
+    "low_hw_int": (4, (8, 8), "low_hw must be a .height, width. pair, got 4"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_MAPS))
+@pytest.mark.parametrize("select", ["select_windows", "select_topk_pixels"])
+def test_map_sizes_that_are_not_pairs_are_named(select, case):
+    low_hw, high_hw, message = BAD_MAPS[case]
+    with pytest.raises(TypeError, match=f"{select}: {message}"):
+        getattr(lk, select)(torch.randn(1, 2, 16), low_hw, high_hw, 2)
