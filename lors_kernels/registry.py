@@ -36,6 +36,21 @@ from . import backend
 P = ParamSpec("P")
 
 
+def require_tensors(op: str, **named: object) -> None:
+    """A clear error for the first argument that is not a Tensor (None is the op's own checks' to judge)."""
+    for name, t in named.items():
+        if t is not None and not isinstance(t, torch.Tensor):
+            raise TypeError(f"{op}: {name} must be a Tensor, got {type(t).__name__}")
+
+
+def as_float(op: str, name: str, value: object) -> float:
+    """A number argument as a float, or a clear error naming it."""
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        raise TypeError(f"{op}: {name} must be a number, got {value!r}") from None
+
+
 def shape_str(t: torch.Tensor) -> str:
     """ "[2, 3]" for error messages that name the shapes they saw."""
     return "[" + ", ".join(str(s) for s in t.shape) + "]"

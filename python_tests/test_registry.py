@@ -10,6 +10,7 @@ from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, op_calls
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
+import lors_kernels as lk
 from lors_kernels import registry, triton_utils
 from lors_kernels.registry import Impl, define_op, public
 
@@ -314,3 +315,45 @@ def test_gradients_taken_with_create_graph_are_differentiable_on_every_route(nam
         assert (g is None) == (e is None), i
         if g is not None:
             assert_close(g, e.double(), torch.float32, f"second gradient {i}")
+
+
+def _call_with(name, **changes):
+    """A small valid call of each public op with some arguments replaced."""
+    g = torch.Generator().manual_seed(0)
+    t = lambda *shape: torch.randn(*shape, generator=g)  # noqa: E731
+    calls = {
+        "lors_linear": (lk.lors_linear, dict(x=t(2, 4), weight=t(3, 4), down=t(1, 4), up=t(3, 1), scaling=0.5)),
+        "adaptive_mixing": (lk.adaptive_mixing, dict(x=t(2, 1, 3, 4), M=t(2, 1, 4, 4), S=t(2, 1, 3, 3), eps=1e-5)),
+        "generate_mixing_weights": (
+            lk.generate_mixing_weights,
+            dict(
+                query=t(2, 8), gen_weight=t(20, 8), groups=2, in_channels=2, out_channels=2, in_points=2, out_points=3
+            ),
+        ),
+        "sparse_cross_attention": (
+            lk.sparse_cross_attention,
+            dict(q=t(1, 1, 2, 4), k=t(1, 1, 3, 4), v=t(1, 1, 3, 4), index=torch.tensor([[0, 2]]), scale=0.5),
+        ),
+    }
+    fn, kwargs = calls[name]
+    return lambda: fn(**{**kwargs, **changes})
+
+
+BAD_ARGUMENTS = {
+    "lors_linear-x_list": ("lors_linear", dict(x=[[1.0] * 4]), r"lors_linear: x must be a Tensor, got list"),
+    "lors_linear-scaling_str": ("lors_linear", dict(scaling="big"), r"scaling must be a number, got 'big'"),
+    "adaptive_mixing-x_list": ("adaptive_mixing", dict(x=[1.0]), r"adaptive_mixing: x must be a Tensor, got list"),
+    "adaptive_mixing-M_none": ("adaptive_mixing", dict(M=None), r"M must be a Tensor, got NoneType"),
+    "adaptive_mixing-eps_str": ("adaptive_mixing", dict(eps="small"), r"eps must be a number, got 'small'"),
+    "generate-query_list": ("generate_mixing_weights", dict(query=[1.0]), r"query must be a Tensor, got list"),
+    "generate-gen_weight_array": ("generate_mixing_weights", dict(gen_weight=(1, 2)), r"gen_weight must be a Tensor"),
+    "attention-k_list": ("sparse_cross_attention", dict(k=[1.0]), r"k must be a Tensor, got list"),
+    "attention-scale_str": ("sparse_cross_attention", dict(scale="auto"), r"scale must be a number, got 'auto'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_ARGUMENTS))
+def test_arguments_of_the_wrong_kind_are_named(case):
+    name, changes, message = BAD_ARGUMENTS[case]
+    with pytest.raises(TypeError, match=message):
+        _call_with(name, **changes)()

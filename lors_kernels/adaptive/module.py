@@ -140,6 +140,8 @@ class LorsAdaptiveMixing(nn.Module):
         self, stage: int, query: Tensor
     ) -> tuple[Tensor, Tensor, tuple[Tensor, Tensor, Tensor] | None, tuple[Tensor, Tensor, Tensor] | None]:
         """M, S and this stage's private parts ((E^M, Q^M, F^M), (E^S, Q^S, F^S)), or Nones when K_l = 0."""
+        if not 0 <= stage < self.n_stages:  # a negative index would pick a stage from the end
+            raise IndexError(f"LorsAdaptiveMixing: stage {stage} is out of range for {self.n_stages} stages")
         c = self.channels
         k = self.kernel_groups[stage]
         common = dict(

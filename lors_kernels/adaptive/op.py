@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, define_op, public, shape_str
+from ..registry import Impl, as_float, define_op, public, require_tensors, shape_str
 from . import reference
 
 if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
@@ -253,11 +253,12 @@ def adaptive_mixing(
     (E [G*K, P_out, r], Q [BN, G*K, r, r], F [G*K, r, P_in]) add sum_k E_k Q_k F_k to M and S.
     Returns relu(LN(S_eff @ relu(LN(x @ M_eff)))) with x's leading dims: [..., G, P_out, C_out].
     """
+    require_tensors("adaptive_mixing", x=x, M=M, S=S)
     if x.dim() == 5:
         x = x.reshape(-1, *x.shape[2:])
     channel = as_private(channel_private, "channel_private") or (None,) * 3
     spatial = as_private(spatial_private, "spatial_private") or (None,) * 3
-    return x, M, S, *channel, *spatial, float(eps)
+    return x, M, S, *channel, *spatial, as_float("adaptive_mixing", "eps", eps)
 
 
 # ------------------------------------------------------------------------------------------- generation
@@ -375,6 +376,14 @@ def generate_mixing_weights(
     P_out x P_in). With core_weight [2*G*K*r*r, d_q] also the private cores Q^M, Q^S [BN, G*K, r, r].
     On CUDA both GEMMs run in one Triton launch.
     """
+    require_tensors(
+        "generate_mixing_weights",
+        query=query,
+        gen_weight=gen_weight,
+        gen_bias=gen_bias,
+        core_weight=core_weight,
+        core_bias=core_bias,
+    )
     q = query.reshape(-1, query.shape[-1])
     if gen_weight.shape[0] != groups * (in_channels * out_channels + in_points * out_points):
         raise ValueError(

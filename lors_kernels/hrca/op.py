@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, define_op, public, shape_str
+from ..registry import Impl, as_float, define_op, public, require_tensors, shape_str
 from . import reference
 
 if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
@@ -284,5 +284,6 @@ def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, *, sc
     [B, N, S] (a set per query), int32 or int64, -1 = padding. Duplicated entries count once per
     occurrence; a row with no valid entry returns zeros. scale defaults to D ** -0.5. On CUDA the
     kernels read K/V rows by index (no gathered copies) and keep only each row's log-sum-exp."""
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    require_tensors("sparse_cross_attention", q=q, k=k, v=v, index=index)
+    scale = q.shape[-1] ** -0.5 if scale is None else as_float("sparse_cross_attention", "scale", scale)
     return q, k, v, index, scale

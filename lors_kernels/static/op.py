@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, Measured, as_rows, define_op, public, shape_str
+from ..registry import Impl, Measured, as_float, as_rows, define_op, public, shape_str
 from . import reference
 
 if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
@@ -211,4 +211,4 @@ def lors_linear(
     Under torch.compile this is the custom op ``lors::lors_linear`` (no graph break).
     ``lors_linear.route(...)`` (same arguments) tells which implementation the call takes.
     """
-    return x, weight, down, up, bias, float(scaling)
+    return x, weight, down, up, bias, as_float("lors_linear", "scaling", scaling)

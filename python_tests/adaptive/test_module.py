@@ -136,3 +136,10 @@ def test_compile_fullgraph_lors_adaptive_mixing_cpu():
     torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
     compiled.sum().backward()
     assert model.channel_left[1].grad is not None and model.generator.weight.grad is not None
+
+
+@pytest.mark.parametrize("stage", [-1, 6])
+def test_lors_adaptive_mixing_names_a_stage_out_of_range(stage):
+    mixer = lk.LorsAdaptiveMixing(query_dim=32, in_dim=32, in_points=4, out_points=4, n_groups=2, rank=2, out_rank=2)
+    with pytest.raises(IndexError, match=f"stage {stage} is out of range for 6 stages"):
+        mixer(stage, torch.randn(1, 2, 2, 4, 16), torch.randn(1, 2, 32))
