@@ -7,7 +7,8 @@ Selection (docs/design.md §1.3):
 - bilinear: upsample the scores to the high-resolution grid (F.interpolate, align_corners=False) and
   keep the k best pixels, shared per image (summed over queries) or per query. The upsampled map is
   never materialized: rows of it are built and merged a chunk at a time.
-Ties go to the lower index; the returned indices are sorted ascending (row-major).
+Ties go to the lower index. Bilinear selection returns its indices sorted ascending (row-major); window
+selection returns them grouped by window, cells ascending, each window's pixels row-major.
 """
 
 from __future__ import annotations
