@@ -94,9 +94,10 @@ def select_topk_pixels(
     return out[:, 0] if not per_query else out
 
 
-def _rows(k, v, index, n):
+def _rows(k, v, index, n, padded=True):
     """(K_S, V_S, mask): the listed rows and which slots are real. Shared: K_S [B, H, S, D], mask
-    [B, 1, 1, S]; per query: K_S [B, H, N, S, D] (every query's own rows), mask [B, 1, N, S]."""
+    [B, 1, 1, S]; per query: K_S [B, H, N, S, D] (every query's own rows), mask [B, 1, N, S].
+    padded=False says no entry is -1 (known by a caller that synced for it): no padding slot to zero."""
     b, h, length, d = k.shape
     index = index.long()
     safe = index.clamp_min(0)
@@ -111,6 +112,8 @@ def _rows(k, v, index, n):
         gather = safe[:, None, :, None].expand(b, h, safe.shape[-1], d)
         ks, vs = k.gather(2, gather), v.gather(2, gather)
         mask, slots = (index >= 0)[:, None, None, :], (index >= 0)[:, None, :, None]
+    if not padded:  # the caller knows there is no padding: nothing to zero
+        return ks, vs, mask
     # Padding slots read row 0: zeroed, so that what row 0 holds (NaN, inf) cannot reach a result that
     # does not select it (a zero probability times NaN is NaN).
     return ks.masked_fill(~slots, 0), vs.masked_fill(~slots, 0), mask
@@ -140,8 +143,8 @@ def sparse_cross_attention(q: Tensor, k: Tensor, v: Tensor, index: Tensor, scale
     returns zeros. The gathered rows go through SDPA (PyTorch's fused CPU kernel): per query, each
     query is a batch of its own."""
     scale = q.shape[-1] ** -0.5 if scale is None else scale
-    ks, vs, mask = _rows(k, v, index, q.shape[2])
-    padded = not bool(mask.all())
+    padded = bool((index < 0).any())  # one sync here, where the eager call may sync: the SDPA mask needs it
+    ks, vs, mask = _rows(k, v, index, q.shape[2], padded)
     # padding: an additive mask at half the lowest finite value (-inf would give NaN for all-padding
     # rows; the lowest itself can overflow to -inf once a logit is added)
     bias = (
