@@ -29,6 +29,7 @@ BACKENDS = ("triton", "native", "cuda", "reference")
 # bf16 (float64 runs on the reference everywhere).
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 NATIVE_CPU_DTYPES = (torch.float32, torch.bfloat16)
+FLOAT_DTYPES = (*TRITON_DTYPES, torch.float64)  # what the ops take: float64 runs on the reference
 _override: str | None = None
 _native = None
 _native_error: str | None = None

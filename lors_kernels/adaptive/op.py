@@ -111,16 +111,22 @@ def check_adaptive_mixing(
     for label, private in (("channel_private", channel), ("spatial_private", spatial)):
         if private is not None:
             tensors.update({f"{label}.{n}": t for n, t in zip(Private._fields, private)})
-    if any(t.dtype != x.dtype for t in tensors.values()) or x.dtype not in (*backend.TRITON_DTYPES, torch.float64):
+    _check_one_dtype_and_device("adaptive_mixing", tensors, "M.to(x.dtype)")
+
+
+def _check_one_dtype_and_device(op: str, tensors: dict[str, Tensor], example: str) -> None:
+    """Every tensor in the first one's dtype (a float the kernels take) and on its device; else an error
+    listing them all, with an `example` of the conversion."""
+    first = next(iter(tensors.values()))
+    if any(t.dtype != first.dtype for t in tensors.values()) or first.dtype not in backend.FLOAT_DTYPES:
         raise TypeError(
-            "adaptive_mixing: all tensors must share one floating dtype, got "
+            f"{op}: all tensors must share one floating dtype, got "
             + ", ".join(f"{n}={t.dtype}" for n, t in tensors.items())
-            + "; convert them first, e.g. M.to(x.dtype)"
+            + f"; convert them first, e.g. {example}"
         )
-    if any(t.device != x.device for t in tensors.values()):
+    if any(t.device != first.device for t in tensors.values()):
         raise ValueError(
-            "adaptive_mixing: all tensors must be on one device, got "
-            + ", ".join(f"{n}={t.device}" for n, t in tensors.items())
+            f"{op}: all tensors must be on one device, got " + ", ".join(f"{n}={t.device}" for n, t in tensors.items())
         )
 
 
@@ -289,17 +295,7 @@ def check_generate_mixing_weights(
         )
         if t is not None
     }
-    if any(t.dtype != q.dtype for t in given.values()) or q.dtype not in (*backend.TRITON_DTYPES, torch.float64):
-        raise TypeError(
-            "generate_mixing_weights: all tensors must share one floating dtype, got "
-            + ", ".join(f"{n}={t.dtype}" for n, t in given.items())
-            + "; convert them first, e.g. gen_weight.to(query.dtype)"
-        )
-    if any(t.device != q.device for t in given.values()):
-        raise ValueError(
-            "generate_mixing_weights: all tensors must be on one device, got "
-            + ", ".join(f"{n}={t.device}" for n, t in given.items())
-        )
+    _check_one_dtype_and_device("generate_mixing_weights", given, "gen_weight.to(query.dtype)")
 
 
 def _generated(q, gen_weight, gen_bias, core_weight, core_bias):

@@ -14,7 +14,6 @@ from . import reference
 if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
     from . import triton as kernels
 
-FLOAT_DTYPES = (*backend.TRITON_DTYPES, torch.float64)
 # The CUDA decode kernel's limits (csrc/cuda/static.h: kDecodeMaxRows, kDecodeMaxRank).
 NATIVE_CUDA_MAX_ROWS = 16
 NATIVE_CUDA_MAX_RANK = 512
@@ -43,7 +42,7 @@ def check_lors_linear(
             and x.shape[-1] == ws[1] == ds[1]
             and us[0] == ws[0]
             and us[1] == ds[0]
-            and dtype in FLOAT_DTYPES
+            and dtype in backend.FLOAT_DTYPES
             and weight.dtype == dtype
             and down.dtype == dtype
             and up.dtype == dtype
@@ -66,8 +65,10 @@ def _explain_bad_inputs(x, weight, down, up, bias) -> None:
         if not isinstance(t, Tensor):
             raise TypeError(f"lors_linear: {name} must be a Tensor, got {type(t).__name__}")
     for name, t in named.items():
-        if t.dtype not in FLOAT_DTYPES:
-            raise TypeError(f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {FLOAT_DTYPES}")
+        if t.dtype not in backend.FLOAT_DTYPES:
+            raise TypeError(
+                f"lors_linear: {name} has dtype {t.dtype}; expected a floating dtype {backend.FLOAT_DTYPES}"
+            )
     if x.dim() < 1:
         raise ValueError(f"lors_linear: x must have at least one dimension [..., in], got shape {shape_str(x)}")
     for name, dim in (("weight", 2), ("down", 2), ("up", 2), ("bias", 1)):
