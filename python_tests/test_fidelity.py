@@ -243,6 +243,37 @@ def test_shared_weight_inits():
         lk.SharedWeight(3, 2, init="kaiming")
 
 
+def test_shared_weight_trunc_normal_is_the_official_vit_attention_init():
+    """timm's trunc_normal_(std=.02), cut at -2 and 2 (100 std: a normal in practice), which the LORS ViT's
+    shared attention weights keep from the classifier's init: its moments and the normal's mass within
+    one and two std (torch and timm draw it by different algorithms, so the bits are not compared)."""
+    torch.manual_seed(3)
+    weight = lk.make_lors_stack(3, 600, 500, init="trunc_normal")[0].shared.weight.detach().double()
+    assert weight.abs().max() <= 2
+    assert abs(weight.mean().item()) < 2e-4 and abs(weight.std().item() - 0.02) < 2e-4
+    for sigmas, mass in ((1, math.erf(1 / math.sqrt(2))), (2, math.erf(2 / math.sqrt(2)))):
+        assert abs((weight.abs() < sigmas * 0.02).double().mean().item() - mass) < 5e-3
+
+
+@pytest.mark.parametrize("module", ["AdaptiveMixing", "LorsAdaptiveMixing"])
+def test_adamixer_stage_xavier_init_of_the_output_projection(module):
+    """init="xavier": the decoder stage's xavier_uniform_ of out_proj (bound sqrt(6 / (fan_in + fan_out))),
+    drawn as the official draws it; the generator still starts at zero. Anything else is named."""
+    dims = dict(in_dim=64, in_points=8, out_points=16, n_groups=2, query_dim=48)
+    if module == "LorsAdaptiveMixing":
+        dims.update(n_stages=2, rank=2, kernel_groups=[1, 1])
+    cls = getattr(lk, module)
+    default, xavier = cls(**dims), cls(**dims, init="xavier")
+    shared = lambda m: m.out_proj.weight if module == "AdaptiveMixing" else m.out_proj[0].shared.weight  # noqa: E731
+    fan_in, fan_out = 2 * 16 * 32, 48
+    bound = math.sqrt(6 / (fan_in + fan_out))
+    assert_uniform(shared(xavier), bound, f"{module} xavier out_proj")
+    assert_uniform(shared(default), 1 / math.sqrt(fan_in), f"{module} default out_proj")
+    assert xavier.generator.weight.abs().sum() == 0
+    with pytest.raises(ValueError, match="init must be one of"):
+        cls(**dims, init="kaiming")
+
+
 # ------------------------------------------------------------------------------------------------ FASeg
 
 

@@ -10,6 +10,16 @@ from torch import Tensor, nn
 from ..static import make_lors_stack
 from .op import adaptive_mixing, generate_mixing_weights
 
+# What init= accepts: the mixing module's own init, or the one AdaMixer's decoder stage leaves (its
+# init_weights gives every matrix xavier_uniform_ before the mixing zeroes its generator: out_proj too).
+INITS = ("default", "xavier")
+
+
+def _check_init(init: str, owner: str) -> str:
+    if init not in INITS:
+        raise ValueError(f"{owner}: init must be one of {INITS}, got {init!r}")
+    return init
+
 
 def _init_factor(t: Tensor) -> None:
     """The official LORS^A init of an E or F factor [G*K, a, b]: kaiming_uniform_ (a = 0) on the 3-D
@@ -35,6 +45,8 @@ class AdaptiveMixing(nn.Module):
     """Plain AdaMixer: per-query generated M and S, fused mixing, output projection, residual, LayerNorm.
 
     forward(x [B, N, G, P_in, C], query [B, N, query_dim]) -> [B, N, query_dim], C = in_dim // n_groups.
+    init="default" leaves out_proj as nn.Linear's; "xavier" gives its weight xavier_uniform_, as AdaMixer's
+    decoder stage does. The generator's weight starts at zero either way (M and S query-independent).
     """
 
     def __init__(
@@ -44,10 +56,12 @@ class AdaptiveMixing(nn.Module):
         out_points: int = 128,
         n_groups: int = 4,
         query_dim: int = 256,
+        init: str = "default",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.init = _check_init(init, "AdaptiveMixing")
         if in_dim % n_groups:
             raise ValueError(f"AdaptiveMixing: in_dim {in_dim} is not divisible by n_groups {n_groups}")
         factory = {"device": device, "dtype": dtype}
@@ -57,6 +71,8 @@ class AdaptiveMixing(nn.Module):
         self.out_proj = nn.Linear(n_groups * out_points * self.channels, query_dim, **factory)
         self.norm = nn.LayerNorm(query_dim, **factory)
         nn.init.zeros_(self.generator.weight)  # AdaMixer's init: M and S start query-independent
+        if init == "xavier":
+            nn.init.xavier_uniform_(self.out_proj.weight)
 
     def generate(self, query: Tensor) -> tuple[Tensor, Tensor]:
         return generate_mixing_weights(
@@ -86,7 +102,9 @@ class LorsAdaptiveMixing(nn.Module):
     one shared base weight). ``rank`` and ``out_rank`` are one int for every stage or one per stage:
     the official config's kernel_sizes and mix_out_proj_ranks. Init as the official: generator weight
     and cores zero, E/F kaiming_uniform_ on the 3-D tensors, the output projection's private down
-    kaiming_uniform_ (up and biases zero). forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
+    kaiming_uniform_ (up and biases zero); the projection's shared weight as nn.Linear's (init="default") or
+    xavier_uniform_ (init="xavier", as AdaMixer's decoder stage leaves it).
+    forward(stage, x [B, N, G, P_in, C], query [B, N, d_q]) -> [B, N, d_q].
     """
 
     def __init__(
@@ -100,10 +118,12 @@ class LorsAdaptiveMixing(nn.Module):
         rank: int | Sequence[int] = 16,
         kernel_groups: Sequence[int] = (1, 1, 2, 2, 3, 3),
         out_rank: int | Sequence[int] = 8,
+        init: str = "default",
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
         super().__init__()
+        self.init = _check_init(init, "LorsAdaptiveMixing")
         kernel_groups = _per_stage(kernel_groups, n_stages, "kernel_groups", "LorsAdaptiveMixing")
         ranks = _per_stage(rank, n_stages, "ranks", "LorsAdaptiveMixing")
         out_ranks = _per_stage(out_rank, n_stages, "out_ranks", "LorsAdaptiveMixing")
@@ -123,7 +143,9 @@ class LorsAdaptiveMixing(nn.Module):
         self.channel_right = nn.ParameterList(nn.Parameter(torch.empty(j, r, c, **factory)) for j, r in gk)
         self.spatial_left = nn.ParameterList(nn.Parameter(torch.empty(j, out_points, r, **factory)) for j, r in gk)
         self.spatial_right = nn.ParameterList(nn.Parameter(torch.empty(j, r, in_points, **factory)) for j, r in gk)
-        self.out_proj = make_lors_stack(n_stages, n_groups * out_points * c, query_dim, rank=out_ranks, **factory)
+        self.out_proj = make_lors_stack(
+            n_stages, n_groups * out_points * c, query_dim, rank=out_ranks, init=init, **factory
+        )
         self.norms = nn.ModuleList(nn.LayerNorm(query_dim, **factory) for _ in range(n_stages))
         self.reset_private_parameters()
 

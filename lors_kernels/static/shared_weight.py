@@ -9,7 +9,7 @@ import weakref
 import torch
 from torch import nn
 
-INITS = ("default", "xavier")
+INITS = ("default", "xavier", "trunc_normal")
 
 # Per SharedWeight, outside the module so that pickling and deepcopy never see them:
 _SAVED = weakref.WeakKeyDictionary()  # -> {id(state dict): (key, weakref to the tensor saved there)}
@@ -31,7 +31,9 @@ class SharedWeight(nn.Module):
     """The weight ``[out, in]`` shared by every layer of a LORS stack.
 
     init="default" is nn.Linear's (Kaiming-uniform, a = sqrt(5)); "xavier" is xavier_uniform_, what the
-    official LORS ViT gives its FFN's shared weights.
+    official LORS ViT gives its FFN's shared weights; "trunc_normal" is trunc_normal_(std=0.02) cut at
+    +-2, what its attention's shared weights train from (the classifier's init runs over every Linear
+    first, and the attention's own init leaves the shared weights as they are).
 
     In a state dict the weight appears once, under the first name the traversal reaches; the other
     layers' names are left out, and loading fills the one tensor from whichever name holds it. So a
@@ -84,6 +86,8 @@ class SharedWeight(nn.Module):
     def reset_parameters(self) -> None:
         if self.init == "xavier":
             nn.init.xavier_uniform_(self.weight)
+        elif self.init == "trunc_normal":
+            nn.init.trunc_normal_(self.weight, std=0.02, a=-2.0, b=2.0)
         else:
             nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
