@@ -7,6 +7,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
+from ..registry import as_rows
 from ..static import make_lors_stack
 from .op import adaptive_mixing, generate_mixing_weights
 
@@ -255,7 +256,7 @@ class LorsWeightGenerator(nn.Module):
 
     def forward(self, stage: int, query: Tensor) -> Tensor:
         lead = query.shape[:-1]
-        q = query.reshape(-1, query.shape[-1])
+        q = as_rows(query)
         weight = self.generator(q).view(-1, self.rows, self.cols)
         k = self.kernel_groups[stage]
         if k:

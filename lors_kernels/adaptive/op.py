@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from .. import backend
-from ..registry import Impl, as_float, define_op, public, require_tensors, shape_str
+from ..registry import Impl, as_float, as_rows, define_op, public, require_tensors, shape_str
 from . import reference
 
 if backend.triton_available():  # optional: without Triton its rows never run (registry.Impl.runs_on)
@@ -261,7 +261,7 @@ def adaptive_mixing(
     """
     require_tensors("adaptive_mixing", x=x, M=M, S=S)
     if x.dim() == 5:
-        x = x.reshape(-1, *x.shape[2:])
+        x = x.flatten(0, 1)  # not reshape(-1, ...): with a zero-size dim the -1 is ambiguous
     channel = as_private(channel_private, "channel_private") or (None,) * 3
     spatial = as_private(spatial_private, "spatial_private") or (None,) * 3
     return x, M, S, *channel, *spatial, as_float("adaptive_mixing", "eps", eps)
@@ -380,7 +380,7 @@ def generate_mixing_weights(
         core_weight=core_weight,
         core_bias=core_bias,
     )
-    q = query.reshape(-1, query.shape[-1])
+    q = as_rows(query)
     if gen_weight.shape[0] != groups * (in_channels * out_channels + in_points * out_points):
         raise ValueError(
             f"generate_mixing_weights: gen_weight {shape_str(gen_weight)} must have G*(C_in*C_out + "

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..registry import as_rows
+
 
 def _split_groups(private, bn: int, groups: int):
     """(E, Q, F) with the index j = g*K + k split: E [G, K, rows, r], Q [BN, G, K, r, r], F [G, K, r, cols]."""
@@ -140,6 +142,6 @@ def generate_mixing_weights(
 ) -> tuple[Tensor, Tensor] | tuple[Tensor, Tensor, Tensor, Tensor]:
     """AdaMixer's parameter generator: query [..., d_q] -> M, S (and, with core_weight [2*G*K*r*r, d_q],
     the private cores Q^M, Q^S); `shape` as :func:`split_generated` takes it."""
-    q = query.reshape(-1, query.shape[-1])
+    q = as_rows(query)
     cores = None if core_weight is None else F.linear(q, core_weight, core_bias)
     return split_generated(F.linear(q, gen_weight, gen_bias), cores, **shape)

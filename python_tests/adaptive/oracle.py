@@ -28,7 +28,7 @@ def loops64(x, m, s, channel_private=None, spatial_private=None, eps=1e-5):
             o = sg @ h
             rows.append(((o - o.mean()) / torch.sqrt(o.var(unbiased=False) + eps)).clamp_min(0))
         out.append(torch.stack(rows))
-    return torch.stack(out)
+    return torch.stack(out) if out else x.new_zeros(0, groups, s.shape[2], m.shape[3], dtype=torch.float64)
 
 
 def make_inputs(bn, groups, p_in, c_in, c_out, p_out, r, km, ks, dtype, device="cpu", seed=0):

@@ -17,6 +17,41 @@ def brute_topk(scores, low_hw, high_hw, k, per_query):
     return out if per_query else out[:, 0]
 
 
+def windows64(scores, low_hw, high_hw, k):
+    """FASeg's windows written out: the k best cells of the query-summed scores (stable: ties to the lower
+    cell), ascending, each as its ws x ws pixels of the high-resolution map, row-major."""
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    ws = hh // lh
+    cells = torch.sort(scores.double().sum(1), dim=-1, descending=True, stable=True).indices[:, :k].sort(-1).values
+    rows = [
+        [
+            (cy * ws + dy) * hw + cx * ws + dx
+            for c in row
+            for cy, cx in [divmod(c, lw)]
+            for dy in range(ws)
+            for dx in range(ws)
+        ]
+        for row in cells.tolist()
+    ]
+    return torch.tensor(rows, dtype=torch.int64).reshape(scores.shape[0], k * ws * ws)
+
+
+def masked_attention64(q, k, v, index):
+    """softmax over the listed rows only, in float64, from the rows themselves (no padding read);
+    differentiable in q, k, v."""
+    q, k, v = (t.double() for t in (q, k, v))
+    b, h, n, _ = q.shape
+    out = torch.zeros_like(q)
+    for bi in range(b):
+        for ni in range(n):
+            rows = index[bi] if index.dim() == 2 else index[bi, ni]
+            rows = rows[rows >= 0].long()
+            for hi in range(h):
+                logits = (k[bi, hi, rows] @ q[bi, hi, ni]) * q.shape[-1] ** -0.5
+                out[bi, hi, ni] = torch.softmax(logits, 0) @ v[bi, hi, rows]
+    return out
+
+
 def attention_inputs(b, h, n, length, s, d, per_query, dtype, device=KERNEL_DEVICE, seed=0):
     """q, k, v and an index with padding, a duplicate, and (per query) one row with nothing valid."""
     g = torch.Generator().manual_seed(seed)
