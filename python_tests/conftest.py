@@ -21,6 +21,9 @@ def pytest_addoption(parser):
 
 def pytest_configure(config):
     config.addinivalue_line("markers", "slow: minutes long; skipped unless --run-slow")
+    config.addinivalue_line(
+        "markers", "toolchain: compiles csrc/ with the host's compilers; the Python dependencies play no part"
+    )
 
 
 def pytest_collection_modifyitems(config, items):

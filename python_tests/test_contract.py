@@ -16,7 +16,7 @@ import pytest
 import torch
 from adaptive.oracle import loops64
 from helpers import CUDA, KERNEL_DEVICE, RTOL, dtype_id
-from hrca.oracle import brute_topk, dyadic_scores, masked_attention64, windows64
+from hrca.oracle import dyadic_scores, exact_topk, masked_attention64, windows64
 from static.oracle import dense64
 
 import lors_kernels as lk
@@ -239,12 +239,16 @@ def select_topk_pixels_case(rng):
     b, n, per_query = _size(rng, [1, 2]), _size(rng, [1, 3]), rng.random() < 0.5
     k = rng.randint(1, high[0] * high[1])
     scores = dyadic_scores(b, n, low[0] * low[1], seed=rng.randrange(2**31)).double()
+    specials = rng.choice(["none", "none", "+inf", "-inf", "nan", "+inf-inf"])
+    for value in [] if specials == "none" else [float(v) for v in specials.replace("f-", "f,-").split(",")]:
+        if scores.numel():  # one cell of one map: its pixels tie, or meet another special
+            scores.view(-1, scores.shape[-1])[rng.randrange(b * n), rng.randrange(scores.shape[-1])] = value
     args = {"scores": _laid(rng, scores)}
     return Case(
-        f"select_topk_pixels {low}->{high} k={k} per_query={per_query}",
+        f"select_topk_pixels {low}->{high} k={k} per_query={per_query} specials={specials}",
         args,
         lambda a: lk.select_topk_pixels(a["scores"], low, high, k, per_query=per_query),
-        lambda a: brute_topk(a["scores"], low, high, k, per_query),
+        lambda a: exact_topk(a["scores"], low, high, k, per_query),
         exact=True,
     )
 

@@ -16,6 +16,7 @@ CU_SOURCES = sorted(CUDA_DIR.glob("*.cu"))
 NVCC = shutil.which("nvcc")
 
 
+@pytest.mark.toolchain
 @pytest.mark.skipif(NVCC is None, reason="nvcc is not on PATH")
 @pytest.mark.parametrize("arch", [80, 90], ids=lambda a: f"sm_{a}")
 @pytest.mark.parametrize("source", CU_SOURCES, ids=lambda p: p.name)
@@ -51,6 +52,7 @@ def cuda_include_dir():
 BINDINGS = sorted((ROOT / "csrc" / "bindings").glob("*.cpp")) + [ROOT / "csrc" / "module.cpp"]
 
 
+@pytest.mark.toolchain
 @pytest.mark.skipif(NVCC is None or CXX is None, reason="needs nvcc (for the CUDA headers) and a C++ compiler")
 @pytest.mark.parametrize("source", BINDINGS, ids=lambda p: p.name)
 def test_bindings_compile_with_the_cuda_path(source):

@@ -97,6 +97,14 @@ class TopK {
   bool full_ = false;
 };
 
+// (1 - w) a + w b as a + w (b - a): exactly a where the taps are equal, so equal pixels tie. A tap of
+// weight 0 is left out and an infinite a kept, where a + w (b - a) would make NaN of both (the
+// reference's _lerp; scores without inf or NaN take the plain formula, which gives the same values).
+inline double lerp(double a, double b, double w) {
+  if (w == 0 || a == b) return a;
+  return std::isinf(a) ? a + b : a + w * (b - a);
+}
+
 // F.interpolate(mode="bilinear", align_corners=False) along one axis, as the reference computes it.
 struct Taps {
   std::vector<int64_t> i0, i1;
@@ -148,18 +156,22 @@ void topk_rows(const double* map, int64_t lw, int64_t hw, const Taps& ty, const 
   const int64_t low_begin = ty.i0[y_begin], low_end = ty.i1[y_end - 1] + 1;
   w.along_x.resize(static_cast<size_t>((low_end - low_begin) * hw));
   double magnitude = 0.0;
+  bool finite = true;
   for (int64_t ly = low_begin; ly < low_end; ++ly) {
     const double* src = map + ly * lw;
     double* dst = w.along_x.data() + (ly - low_begin) * hw;
-    for (int64_t x = 0; x < lw; ++x) magnitude = std::max(magnitude, std::fabs(src[x]));
+    for (int64_t x = 0; x < lw; ++x) {
+      magnitude = std::max(magnitude, std::fabs(src[x]));
+      finite = finite && std::isfinite(src[x]);
+    }
     for (int64_t x = 0; x < hw; ++x) {
       const double a = src[tx.i0[x]], b = src[tx.i1[x]];
-      dst[x] = a + tx.w[x] * (b - a);
+      dst[x] = finite ? a + tx.w[x] * (b - a) : lerp(a, b, tx.w[x]);
     }
   }
-  // Bounds with slack for the two roundings of a + w (b - a) (a few ulps of the largest magnitude). A
-  // NaN or inf anywhere makes a bound NaN or the slack inf: then no block is ever skipped.
-  const double slack = magnitude * 0x1p-48;
+  // Bounds with slack for the two roundings of a + w (b - a) (a few ulps of the largest magnitude). With
+  // an inf or NaN among the taps the slack is inf: then no block is ever skipped.
+  const double slack = finite ? magnitude * 0x1p-48 : std::numeric_limits<double>::infinity();
   const auto rows = tap_runs(ty, y_begin, y_end), cols = tap_runs(tx, 0, hw);
   std::vector<Block>& blocks = w.blocks;
   blocks.clear();
@@ -190,7 +202,7 @@ void topk_rows(const double* map, int64_t lw, int64_t hw, const Taps& ty, const 
       const double* bottom_row = w.along_x.data() + (ty.i1[y] - low_begin) * hw;
       const double wy = ty.w[y];
       for (int64_t x = x_begin; x < x_end; ++x) {
-        const double v = top_row[x] + wy * (bottom_row[x] - top_row[x]);
+        const double v = finite ? top_row[x] + wy * (bottom_row[x] - top_row[x]) : lerp(top_row[x], bottom_row[x], wy);
         if (!(v < bar)) {  // most pixels stop here once the bar is up
           top.offer(v, y * hw + x);
           bar = top.bar();

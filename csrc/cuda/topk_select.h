@@ -40,8 +40,12 @@ LORS_HD Tap source_tap(int pos, float scale, int in_size) {
 }
 
 // a + w (b - a), one rounding of the product and sum: where both taps are equal (clamped borders,
-// flat regions) the result is exactly a, so equal pixels tie and go by index.
-LORS_HD float lerp(float a, float b, float w) { return fmaf(w, b - a, a); }
+// flat regions) the result is exactly a, so equal pixels tie and go by index. A tap of weight 0 is left
+// out and an infinite a kept, where the formula would make NaN of both (the reference's _lerp).
+LORS_HD float lerp(float a, float b, float w) {
+  if (w == 0.0f || a == b) return a;
+  return isinf(a) ? a + b : fmaf(w, b - a, a);
+}
 
 // The upsampled value at the pixel whose row taps are y and column taps x; low is row-major, low_w wide.
 LORS_HD float bilinear(const float* low, int low_w, Tap y, Tap x) {
@@ -52,9 +56,10 @@ LORS_HD float bilinear(const float* low, int low_w, Tap y, Tap x) {
 
 // Unsigned order of keys = float order of values: negative floats have their bits flipped (larger
 // magnitude, smaller key), positive ones get the sign bit set (above every negative). -0.0 maps to
-// the key of +0.0, which it equals. NaN goes by its bits, as in the Triton kernel: a NaN with the sign
-// bit clear (the one CUDA arithmetic produces) is above +inf, one with it set below -inf.
+// the key of +0.0, which it equals. Every NaN, whatever its sign bit, gets the largest key (above +inf),
+// as torch.topk ranks NaN.
 LORS_HD uint32_t order_key(float value) {
+  if (isnan(value)) return 0xFFFFFFFFu;
   uint32_t bits;
 #ifdef __CUDA_ARCH__
   bits = __float_as_uint(value);

@@ -9,6 +9,10 @@ Selection (docs/design.md §1.3):
   never materialized: rows of it are built and merged a chunk at a time.
 Ties go to the lower index. Bilinear selection returns its indices sorted ascending (row-major); window
 selection returns them grouped by window, cells ascending, each window's pixels row-major.
+
+Infinite and NaN scores: a pixel's value is the bilinear sum of the taps it weighs, a tap of weight 0
+left out, in IEEE arithmetic: a +inf tap makes every pixel it reaches +inf (they tie, lower index
+first), +inf meeting -inf makes NaN, and NaN ranks above every number (as torch.topk ranks it).
 """
 
 from __future__ import annotations
@@ -28,6 +32,12 @@ def window_size(low_hw: tuple[int, int] | Sequence[int], high_hw: tuple[int, int
             f"map {tuple(low_hw)} with one ratio for both sides"
         )
     return hh // lh
+
+
+def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
+    """(1 - w) a + w b as a + w (b - a), which is exactly a where both taps are equal (equal pixels then tie);
+    a tap of weight 0 left out and an infinite a kept (a + w (b - a) would make NaN of both)."""
+    return torch.where((w == 0) | (a == b), a, torch.where(torch.isinf(a), a + b, a + w * (b - a)))
 
 
 def _topk_lowest_index(values: Tensor, k: int):
@@ -78,12 +88,11 @@ def select_topk_pixels(
     y0, y1, wy = _source_taps(hh, lh, s.device)
     x0, x1, wx = _source_taps(hw, lw, s.device)
     # Upsample along x once: [B, N', lh, W_high] (1/ws of the full map), then rows chunk by chunk.
-    sx = s[..., x0] + wx * (s[..., x1] - s[..., x0])  # a + w (b - a): exact where the taps are equal
+    sx = _lerp(s[..., x0], s[..., x1], wx)
     best_val = best_idx = None
     for start in range(0, hh, rows_per_chunk):
         ys = slice(start, min(start + rows_per_chunk, hh))
-        top = sx[..., y0[ys], :]
-        rows = top + wy[ys, None] * (sx[..., y1[ys], :] - top)
+        rows = _lerp(sx[..., y0[ys], :], sx[..., y1[ys], :], wy[ys, None])
         rows = rows.flatten(-2)
         idx = torch.arange(ys.start * hw, ys.stop * hw, device=s.device).expand_as(rows)
         if best_val is not None:  # earlier chunks hold lower indices: they go first, so they win ties

@@ -342,6 +342,14 @@ def _source(pos, scale, in_size):
 
 
 @triton.jit
+def _lerp(a, b, w):
+    """a + w (b - a): where both taps are equal (clamped borders, flat regions) the value is exactly
+    theirs, so equal pixels tie and the lower index wins. A tap of weight 0 is left out and an infinite
+    a kept, where the formula would make NaN of both (reference._lerp)."""
+    return tl.where((w == 0) | (a == b), a, tl.where(tl.abs(a) == float("inf"), a + b, a + w * (b - a)))
+
+
+@triton.jit
 def _merge_best(best, key, K_POW2: tl.constexpr, BLOCK: tl.constexpr):
     """The K_POW2 largest of the running best keys (sorted descending) and a block's keys, sorted
     descending. The elementwise max of a descending and an ascending list holds the K_POW2 largest of
@@ -377,13 +385,10 @@ def topk_pixels_kernel(
         s01 = tl.load(scores_ptr + y0 * LW + x1, mask=inside, other=0.0)
         s10 = tl.load(scores_ptr + y1 * LW + x0, mask=inside, other=0.0)
         s11 = tl.load(scores_ptr + y1 * LW + x1, mask=inside, other=0.0)
-        # a + w (b - a): where both taps are equal (clamped borders, flat regions) the value is exactly
-        # theirs, so equal pixels tie and the lower index wins
-        top = s00 + wx * (s01 - s00)
-        bottom = s10 + wx * (s11 - s10)
-        value = top + wy * (bottom - top)
+        value = _lerp(_lerp(s00, s01, wx), _lerp(s10, s11, wx), wy)
         bits = (value + 0.0).to(tl.int32, bitcast=True)  # + 0.0: -0.0 becomes +0.0, which it equals
         ordered = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)  # float order as signed-int order
+        ordered = tl.where(value != value, 0x7FFFFFFF, ordered)  # every NaN above +inf, as torch.topk
         key = tl.where(inside, (ordered.to(tl.int64) << 32) + (2147483647 - pix).to(tl.int64), lowest)
         if tl.max(key, axis=0) > tl.min(best, axis=0):  # most blocks of a smooth map change nothing
             best = _merge_best(best, key, K_POW2, BLOCK)

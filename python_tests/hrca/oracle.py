@@ -17,6 +17,33 @@ def brute_topk(scores, low_hw, high_hw, k, per_query):
     return out if per_query else out[:, 0]
 
 
+def _taps(out_size, in_size):
+    """F.interpolate(bilinear, align_corners=False) along one axis, from its definition: each output's two
+    source cells and their weights."""
+    pos = ((torch.arange(out_size, dtype=torch.float64) + 0.5) * (in_size / out_size) - 0.5).clamp_min(0)
+    i0 = pos.floor().long().clamp_max(in_size - 1)
+    w1 = pos - i0
+    return i0, (i0 + 1).clamp_max(in_size - 1), 1 - w1, w1
+
+
+def exact_topk(scores, low_hw, high_hw, k, per_query):
+    """The selection's definition with infinities and NaN: each pixel the sum of its weighted taps, taps of
+    weight 0 left out, in IEEE float64 (+inf reaching a pixel makes it +inf, +inf meeting -inf NaN); NaN
+    first, then descending, ties to the lower index. Exact for dyadic scores at power-of-two ratios."""
+    (lh, lw), (hh, hw) = low_hw, high_hw
+    s = scores.double() if per_query else scores.double().sum(1, keepdim=True)
+    s = s.reshape(*s.shape[:2], lh, lw)
+    y0, y1, vy0, vy1 = _taps(hh, lh)
+    x0, x1, vx0, vx1 = _taps(hw, lw)
+    value = torch.zeros(*s.shape[:2], hh, hw, dtype=torch.float64)
+    for ys, vy in ((y0, vy0), (y1, vy1)):
+        for xs, vx in ((x0, vx0), (x1, vx1)):
+            weight = vy[:, None] * vx[None, :]
+            value = value + torch.where(weight > 0, weight * s[..., ys[:, None], xs[None, :]], 0.0)
+    out = torch.sort(value.flatten(2), dim=-1, descending=True, stable=True).indices[..., :k].sort(-1).values
+    return out if per_query else out[:, 0]
+
+
 def windows64(scores, low_hw, high_hw, k):
     """FASeg's windows written out: the k best cells of the query-summed scores (stable: ties to the lower
     cell), ascending, each as its ws x ws pixels of the high-resolution map, row-major."""

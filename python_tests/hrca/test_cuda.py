@@ -18,6 +18,8 @@ import lors_kernels as lk
 from lors_kernels import backend
 from lors_kernels.hrca import reference
 
+from .oracle import exact_topk
+
 # ------------------------------------------------------------- top-k arithmetic, run on the host
 
 
@@ -89,7 +91,7 @@ def test_order_key_orders_like_the_floats(topk_host):
     assert topk_host.lors_order_key(-0.0) == topk_host.lors_order_key(0.0), "-0.0 must tie with +0.0"
     nan, negative_nan = (struct.unpack("<f", struct.pack("<I", bits))[0] for bits in (0x7FC00000, 0xFFC00000))
     assert topk_host.lors_order_key(nan) > topk_host.lors_order_key(float("inf"))
-    assert topk_host.lors_order_key(negative_nan) < topk_host.lors_order_key(-float("inf"))
+    assert topk_host.lors_order_key(negative_nan) == topk_host.lors_order_key(nan), "every NaN ranks first"
 
 
 @pytest.mark.parametrize("chunk", [1, 7, 1024], ids=lambda c: f"chunk{c}")
@@ -145,6 +147,19 @@ def test_host_selection_takes_nan_first(topk_host):
     k = 40
     got = host_select(topk_host, scores, (4, 4), (16, 16), k, True)
     assert torch.equal(got, reference.select_topk_pixels(scores, (4, 4), (16, 16), k, per_query=True))
+
+
+@pytest.mark.parametrize("special", ["+inf", "-inf", "+inf,-inf", "-nan"])
+def test_host_selection_follows_the_bilinear_sum_through_infinities(topk_host, special):
+    """A +inf cell makes every pixel it weighs +inf (they tie: lower index first), +inf meeting -inf
+    makes NaN, and a NaN of either sign ranks first: the definition (oracle.exact_topk)."""
+    scores = dyadic_scores((1, 2, 16), torch.Generator().manual_seed(3))
+    negative_nan = struct.unpack("<f", struct.pack("<I", 0xFFC00000))[0]
+    for cell, value in zip((5, 6), special.split(",")):
+        scores[0, 0, cell] = negative_nan if value == "-nan" else float(value)
+    for per_query in (False, True):
+        got = host_select(topk_host, scores, (4, 4), (16, 16), 40, per_query)
+        assert torch.equal(got, exact_topk(scores, (4, 4), (16, 16), 40, per_query))
 
 
 # ---------------------------------------------------------------------------------------------- dispatch

@@ -8,7 +8,7 @@ from helpers import KERNEL_DEVICE
 import lors_kernels as lk
 from lors_kernels.hrca import reference
 
-from .oracle import attention_inputs, dyadic_scores, masked_attention64
+from .oracle import attention_inputs, dyadic_scores, exact_topk, masked_attention64
 
 
 def test_attention_op_gradcheck_float64(use_backend):
@@ -81,6 +81,20 @@ def test_topk_pixels_border_plateau_ties_go_to_the_lower_index(backend_name, use
     scores = torch.tensor([[[0.1, 0.2, 0.3, 0.7]]]).to(KERNEL_DEVICE)
     got = lk.select_topk_pixels(scores, (2, 2), (16, 16), 5)
     assert got.tolist() == [[204, 205, 206, 207, 220]]
+
+
+@pytest.mark.parametrize("special", ["+inf", "-inf", "+inf,-inf", "nan"])
+@pytest.mark.parametrize("backend_name", ["reference", "native", "triton"])
+def test_topk_pixels_follow_the_bilinear_sum_through_infinities(backend_name, special, use_backend):
+    """Every pixel a +inf cell weighs is +inf (a tie: lower index first), not NaN as a + w (b - a) made
+    it; +inf meeting -inf is NaN, and NaN ranks first (oracle.exact_topk, the definition)."""
+    use_backend(backend_name)
+    scores = dyadic_scores(1, 2, 16, seed=3)
+    for cell, value in zip((5, 6), special.split(",")):
+        scores[0, 0, cell] = float(value)
+    for per_query in (False, True):
+        got = lk.select_topk_pixels(scores.to(KERNEL_DEVICE), (4, 4), (16, 16), 40, per_query=per_query)
+        assert torch.equal(got.cpu(), exact_topk(scores, (4, 4), (16, 16), 40, per_query))
 
 
 @pytest.mark.parametrize("backend_name", ["reference", "triton"])

@@ -164,6 +164,7 @@ CPU_SOURCES = sorted((ROOT / "csrc" / "cpu").glob("*.cpp"))
 
 
 # Needs a compiler, not the built extension.
+@pytest.mark.toolchain
 @pytest.mark.skipif(CXX is None or not CPU_SOURCES, reason="no C++ compiler on PATH, or no csrc/ beside the tests")
 @pytest.mark.parametrize("variant", [[], ["-DLORS_NO_VECTOR_EXT"]], ids=["vector_ext", "portable"])
 @pytest.mark.parametrize("openmp", [["-fopenmp"], ["-Wno-unknown-pragmas"]], ids=["openmp", "no_openmp"])
