@@ -95,7 +95,7 @@ def check_adaptive_mixing(
             )
         gk, r = e.shape[0], e.shape[2]
         if (
-            gk % max(groups, 1)
+            (gk % groups if groups else gk)  # G*K rows: none without groups
             or tuple(e.shape) != (gk, rows, r)
             or tuple(q.shape) != (bn, gk, r, r)
             or tuple(f.shape) != (gk, r, cols)

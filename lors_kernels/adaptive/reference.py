@@ -24,7 +24,7 @@ from ..registry import as_rows
 def _split_groups(private, bn: int, groups: int):
     """(E, Q, F) with the index j = g*K + k split: E [G, K, rows, r], Q [BN, G, K, r, r], F [G, K, r, cols]."""
     e, q, f = private
-    k = e.shape[0] // groups
+    k = e.shape[0] // max(groups, 1)  # G = 0: no rows (the check), K = 0
     return (
         e.reshape(groups, k, *e.shape[1:]),
         q.reshape(bn, groups, k, *q.shape[2:]),

@@ -305,8 +305,8 @@ def _shapes(x, m, s, channel_private, spatial_private):
     bn, groups, p_in, c_in = x.shape
     c_out, p_out = m.shape[-1], s.shape[-2]
     r = next((p[0].shape[-1] for p in (channel_private, spatial_private) if p is not None), 0)
-    km = channel_private[0].shape[0] // groups if channel_private is not None else 0
-    ks = spatial_private[0].shape[0] // groups if spatial_private is not None else 0
+    km = channel_private[0].shape[0] // max(groups, 1) if channel_private is not None else 0  # G = 0: K = 0
+    ks = spatial_private[0].shape[0] // max(groups, 1) if spatial_private is not None else 0
     return bn, groups, p_in, c_in, c_out, p_out, r, km, ks
 
 
