@@ -12,10 +12,12 @@ PEFT, transformers and safetensors are imported only by the functions that need 
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import os
 import re
+import warnings
 from collections.abc import Mapping
 from typing import Any
 
@@ -36,16 +38,61 @@ def register_peft(config: Any) -> Any:
     """Let ``peft.get_peft_model(model, config)`` adapt LorsLinear layers (``config`` a peft LoraConfig; returned).
 
     PEFT's own LoRA layer wraps a LorsLinear as it wraps an nn.Linear (through PEFT's experimental custom
-    module API): same forward, ``merge()``, ``unmerge()``, ``merge_and_unload()``. Merging writes the
-    LorsLinear's weight, which works when its shared weight is its own and raises (saying why) when the
-    layer belongs to a stack. Without this registration PEFT refuses LorsLinear targets, also when
+    module API): same forward, ``merge()``, ``unmerge()``, ``merge_and_unload()``. Merging adds each
+    adapter to the LorsLinear's private pair (``merge_lora``: rank R becomes R + r), exact on every
+    layer of a stack, the shared weight untouched; unmerging restores the pair bit for bit. Without this
+    registration PEFT refuses LorsLinear targets, also when
     loading a saved adapter: pass the registered config,
     ``PeftModel.from_pretrained(model, path, config=register_peft(LoraConfig.from_pretrained(path)))``.
     """
-    from peft.tuners.lora.layer import Linear
-
-    config._register_custom_module({LorsLinear: Linear})
+    config._register_custom_module({LorsLinear: _lora_over_lors()})
     return config
+
+
+@functools.cache
+def _lora_over_lors() -> type:
+    """PEFT's LoRA layer for a LorsLinear base. Merging concatenates each adapter to the base's private pair
+    (``LorsLinear.merge_lora``): exact, and the shared weight of a stack is left alone, where PEFT's own
+    merge writes a dense delta into the weight, which only a layer that owns its shared weight can take.
+    Unmerging takes the adapters off in reverse order, the pair restored bit for bit."""
+    import torch
+    from peft.tuners.lora.layer import Linear
+    from peft.tuners.tuners_utils import check_adapters_to_merge
+
+    class LoraOverLors(Linear):
+        def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
+            base = self.get_base_layer()
+            for name in check_adapters_to_merge(self, adapter_names):
+                if name not in self.lora_A:
+                    continue
+                if name in self.lora_variant:
+                    raise NotImplementedError(
+                        f"adapter {name!r} is a LoRA variant (DoRA, ...): it rescales the dense weight, which a "
+                        "LorsLinear of a stack shares; merge plain LoRA adapters only"
+                    )
+                down, up = self.lora_A[name].weight, self.lora_B[name].weight
+                if safe_merge and not (torch.isfinite(down).all() and torch.isfinite(up).all()):
+                    raise ValueError(f"NaNs detected in the merged weights. The adapter {name} seems to be broken")
+                base.merge_lora(down, up, self.scaling[name])
+                if self.lora_bias[name]:
+                    with torch.no_grad():
+                        base.bias += self.lora_B[name].bias * self.scaling[name]
+                self.merged_adapters.append(name)
+
+        def unmerge(self) -> None:
+            if not self.merged:
+                warnings.warn("Already unmerged. Nothing to do.", stacklevel=2)
+                return
+            base = self.get_base_layer()
+            while self.merged_adapters:
+                name = self.merged_adapters.pop()
+                if name in self.lora_A:
+                    base.unmerge_lora(self.lora_A[name].weight.shape[0])
+                    if self.lora_bias[name]:
+                        with torch.no_grad():
+                            base.bias -= self.lora_B[name].bias * self.scaling[name]
+
+    return LoraOverLors
 
 
 _LORA_KEY = re.compile(

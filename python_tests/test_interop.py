@@ -113,14 +113,80 @@ def test_get_peft_model_on_lors_layers(tmp_path):
     config_saved = interop.register_peft(LoraConfig.from_pretrained(tmp_path))
     torch.testing.assert_close(PeftModel.from_pretrained(base, tmp_path, config=config_saved).eval()(x), peft_dense(x))
     merged_dense, merged_lors = peft_dense.merge_and_unload(), peft_lors.merge_and_unload()
-    assert isinstance(merged_lors.fc1, lk.LorsLinear)  # the adapter went into the layer's own shared weight
+    assert isinstance(merged_lors.fc1, lk.LorsLinear) and merged_lors.fc1.rank == 2 + 4  # the adapter joined the pair
     torch.testing.assert_close(merged_lors(x), merged_dense(x), rtol=1e-5, atol=1e-5)
 
-    stacked = Mlp()
-    stacked.fc2, stacked.fc3 = lk.make_lors_stack(2, 16, 16)  # fc3: a second user of fc2's shared weight
-    peft_stacked = get_peft_model(stacked, interop.register_peft(LoraConfig(**config)))
-    with pytest.raises(RuntimeError, match="shared weight of 2 layers"):
-        peft_stacked.merge_and_unload()
+
+def _random_adapters(model, seed=1):
+    """Random lora_B (PEFT starts it at zero), so that every adapter shows."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+
+
+@pytest.mark.filterwarnings("ignore:Unsupported layer type")
+def test_peft_merges_into_every_layer_of_a_stack_exactly(tmp_path):
+    """merge_adapter / unmerge_adapter / merge_and_unload on LoRA layers over a stack's layers: each adapter
+    joins its layer's private pair (rank R -> R + r), the shared weight untouched; the outputs are PEFT's
+    unmerged ones, and unmerging restores every pair bit for bit. Two adapters merge and unmerge in turn."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    torch.manual_seed(0)
+    model = random_pairs(Stacked()).double().eval()
+    shared = model.blocks[0].shared.weight.detach().clone()
+    pairs = {
+        n: (m.down.detach().clone(), m.up.detach().clone())
+        for n, m in model.named_modules()
+        if isinstance(m, lk.LorsLinear)
+    }
+    config = interop.register_peft(LoraConfig(r=3, lora_alpha=5, target_modules=["blocks.0", "blocks.2", "heads.0"]))
+    peft = get_peft_model(model, config)
+    peft.add_adapter(
+        "second", interop.register_peft(LoraConfig(r=2, lora_alpha=2, target_modules=["blocks.1", "blocks.2"]))
+    )
+    peft.base_model.set_adapter(["default", "second"])
+    _random_adapters(peft)
+    x = torch.randn(4, 8, dtype=torch.float64)
+    unmerged = peft(x)
+    peft.merge_adapter()
+    torch.testing.assert_close(peft(x), unmerged, rtol=1e-12, atol=1e-12)
+    assert peft.base_model.model.blocks[2].base_layer.rank == 2 + 3 + 2
+    assert torch.equal(peft.base_model.model.blocks[0].base_layer.shared.weight, shared)
+    peft.unmerge_adapter()
+    for name, layer in peft.base_model.model.named_modules():
+        if isinstance(layer, lk.LorsLinear):
+            key = name.replace(".base_layer", "")
+            assert torch.equal(layer.down, pairs[key][0]) and torch.equal(layer.up, pairs[key][1]), name
+            assert layer.rank * layer.groups == len(pairs[key][0]), name
+    torch.testing.assert_close(peft(x), unmerged, rtol=1e-12, atol=1e-12)
+    merged = peft.merge_and_unload()
+    assert isinstance(merged.blocks[2], lk.LorsLinear) and merged.blocks[2].rank == 7
+    torch.testing.assert_close(merged(x), unmerged, rtol=1e-12, atol=1e-12)
+    assert torch.equal(merged.blocks[1].shared.weight, shared)
+
+
+def test_lors_linear_merge_lora_and_back():
+    """merge_lora adds scaling * up @ down to the function and unmerge_lora restores the layer exactly;
+    bad shapes and a wrong unmerge are named."""
+    torch.manual_seed(0)
+    layer = random_pairs(lk.LorsLinear(6, 4, rank=2, groups=2, scaling=0.5, dtype=torch.float64))
+    before = {n: t.detach().clone() for n, t in layer.state_dict().items()}
+    down, up = torch.randn(3, 6, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    x = torch.randn(5, 6, dtype=torch.float64)
+    expected = layer(x) + 1.5 * (x @ down.t()) @ up.t()
+    layer.merge_lora(down, up, scaling=1.5)
+    assert (layer.rank, layer.groups, tuple(layer.down.shape)) == (7, 1, (7, 6))
+    torch.testing.assert_close(layer(x), expected, rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="no pair of rank 2"):
+        layer.unmerge_lora(2)
+    layer.unmerge_lora(3)
+    assert (layer.rank, layer.groups) == (2, 2)
+    assert all(torch.equal(t, before[n]) for n, t in layer.state_dict().items())
+    with pytest.raises(ValueError, match="needs down \\[r, 6\\] and up \\[4, r\\]"):
+        layer.merge_lora(torch.randn(3, 5), torch.randn(4, 3))
 
 
 @pytest.mark.parametrize("variant", ["lora", "rslora+alpha_pattern"])

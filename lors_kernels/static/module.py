@@ -168,6 +168,53 @@ class LorsLinear(nn.Module):
             self.shared.weight.sub_(self.get_delta_weight())
         self.merged = False
 
+    def merge_lora(self, down: Tensor, up: Tensor, scaling: float = 1.0) -> None:
+        """Add a LoRA pair exactly: ``y += scaling * (x down^T) up^T`` (down [r, in], up [out, r]) joins the
+        private pair, whose rank grows from R to R + r (``rank`` becomes R + r, ``groups`` 1), and the
+        shared weight is untouched, so a layer of a stack can take it while the other layers keep their
+        function. The up factor is scaled by ``scaling / self.scaling`` (the one rounding). Parameters
+        are new tensors of the new shapes. ``unmerge_lora(r)`` takes the last r off again."""
+        r = down.shape[0] if down.dim() == 2 else -1
+        if (
+            r < 0
+            or up.dim() != 2
+            or up.shape[1] != r
+            or (up.shape[0], down.shape[1]) != (self.out_features, self.in_features)
+        ):
+            raise ValueError(
+                f"LorsLinear.merge_lora: needs down [r, {self.in_features}] and up [{self.out_features}, r], "
+                f"got {list(down.shape)} and {list(up.shape)}"
+            )
+        if self.merged:
+            raise RuntimeError("LorsLinear.merge_lora: the layer is merged (merge()); unmerge() it first")
+        if not self.scaling:
+            raise ValueError("LorsLinear.merge_lora: a layer of scaling 0 applies no private pair to add to")
+        with torch.no_grad():
+            factor = float(scaling) / self.scaling
+            pair = (torch.cat([self.down, down.to(self.down)]), torch.cat([self.up, up.to(self.up) * factor], dim=1))
+        self._set_pair(*pair)
+        self._lora_ranks = [*getattr(self, "_lora_ranks", []), (self.rank, self.groups)]
+        self.rank, self.groups = pair[0].shape[0], 1
+
+    def unmerge_lora(self, rank: int) -> None:
+        """Take off the pair of rank ``rank`` that the last ``merge_lora`` added: the private pair, rank and
+        groups as they were before it, bit for bit."""
+        merged = getattr(self, "_lora_ranks", [])
+        if not merged or self.down.shape[0] - rank != merged[-1][0] * merged[-1][1]:
+            raise ValueError(
+                f"LorsLinear.unmerge_lora: the last merge_lora added no pair of rank {rank} "
+                f"(pairs merged: {len(merged)}, rank now {self.down.shape[0]})"
+            )
+        kept = self.down.shape[0] - rank
+        with torch.no_grad():
+            self._set_pair(self.down[:kept].clone(), self.up[:, :kept].clone())
+        (self.rank, self.groups), self._lora_ranks = merged[-1], merged[:-1]
+
+    def _set_pair(self, down: Tensor, up: Tensor) -> None:
+        """New down/up parameters, keeping whether each takes gradients."""
+        self.down = nn.Parameter(down, requires_grad=self.down.requires_grad)
+        self.up = nn.Parameter(up, requires_grad=self.up.requires_grad)
+
     def to_linear(self) -> nn.Linear:
         """A dense ``nn.Linear`` computing what this layer computes (dropout aside)."""
         w = self.shared.weight
