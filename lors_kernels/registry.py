@@ -212,9 +212,18 @@ class Op:
 
     # ---------------------------------------------------------------------------------- choosing
 
-    def route(self, *args: Any) -> Impl:
-        """The implementation that runs this call: the override if any, else the automatic choice."""
-        case, device = self.Case(*args), _device(args)
+    def route(self, *args: Any, **kwargs: Any) -> Impl:
+        """The implementation that runs this call (the schema's arguments, by position or name): the
+        override if any, else the automatic choice."""
+        try:
+            case = self.Case(*args, **kwargs)
+        except TypeError as error:
+            raise TypeError(
+                f"{self.name}_op.route takes every argument of the op's schema ({', '.join(self.args)}), which has "
+                f"no defaults; lk.{self.name}.route takes the public function's arguments ({error})"
+            ) from None
+        args = tuple(case)
+        device = _device(args)
         forced = backend.forced_backend()
         if forced is None:
             kind = device.type

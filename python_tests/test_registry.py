@@ -267,6 +267,11 @@ def test_lors_linear_route_follows_its_arguments(use_backend):
     assert lk.lors_linear.route(x, weight, down, up).backend == "reference"
     with pytest.raises(ValueError, match="down"):  # checked as the call checks it
         lk.lors_linear.route(x, weight, down.t(), up)
+    from lors_kernels.static.op import lors_linear_op  # the op's own route: the schema's arguments, any way given
+
+    assert lors_linear_op.route(x, weight, down, up, bias=None, scaling=0.5).backend == "reference"
+    with pytest.raises(TypeError, match="takes every argument of the op's schema .x, weight, down, up, bias, scaling"):
+        lors_linear_op.route(x, weight, down, up, None)
 
 
 def test_define_op_wants_the_reference_last():
