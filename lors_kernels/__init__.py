@@ -21,6 +21,7 @@ _API = {
     "set_backend": "backend",
     "count_parameters": "convert",
     "lorsify": "convert",
+    "to_dense": "convert",
     "HighResCrossAttention": "hrca",
     "select_topk_pixels": "hrca",
     "select_windows": "hrca",

@@ -1,12 +1,12 @@
 """Dense models to LORS and back to checkpoints: conversion (``lorsify``), distillation (``distill``),
-parameter accounting (``count_parameters``) and the structure record (``lors_structure``,
-``restore_lors``)."""
+parameter accounting (``count_parameters``), the structure record (``lors_structure``,
+``restore_lors``) and the way back (``to_dense``)."""
 
 from .accounting import ParameterCount, StackCount, SupportsLorsStacks, count_parameters
 from .conversion import StackReport, lorsify, rank_for_ratio
 from .distillation import distill
 from .modules import replace_modules
-from .structure import lors_structure, restore_lors
+from .structure import lors_structure, restore_lors, to_dense
 
 __all__ = [
     "ParameterCount",
@@ -20,4 +20,5 @@ __all__ = [
     "rank_for_ratio",
     "replace_modules",
     "restore_lors",
+    "to_dense",
 ]

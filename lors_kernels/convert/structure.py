@@ -1,5 +1,5 @@
-"""The structure of a converted model, for checkpoints: its LORS^T stacks as JSON-able data, and a
-dense model given those stacks again."""
+"""The structure of a converted model, for checkpoints: its LORS^T stacks as JSON-able data, a dense
+model given those stacks again, and a converted model made dense."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from torch import nn
 from ..static import LorsLinear, SharedWeight, shared_stacks
 from .modules import _stack_name, replace_modules
 
-__all__ = ["lors_structure", "restore_lors"]
+__all__ = ["lors_structure", "restore_lors", "to_dense"]
 
 
 def lors_structure(model: nn.Module) -> dict:
@@ -95,4 +95,17 @@ def restore_lors(model: nn.Module, structure: dict | None = None) -> nn.Module:
                 **factory,
             )
     replace_modules(model, new)
+    return model
+
+
+def to_dense(model: nn.Module) -> nn.Module:
+    """The way back from ``lorsify``, in place: every LorsLinear of ``model`` replaced by the nn.Linear
+    computing what it computes (``LorsLinear.to_linear``, merged layers included), and the structure
+    record (``config.lors``) dropped, so that the model saves and loads as its dense architecture.
+    Returns ``model``."""
+    new = {id(m): m.to_linear().train(m.training) for m in model.modules() if isinstance(m, LorsLinear)}
+    replace_modules(model, new)
+    config = getattr(model, "config", None)
+    if getattr(config, "lors", None) is not None:
+        del config.lors
     return model
