@@ -52,3 +52,7 @@ def __dir__():
 
 if sys.modules.get("torch") is not None:
     _load()
+
+from . import hf  # noqa: E402  (stdlib only: registers the "lors" checkpoints with transformers when it loads)
+
+hf.install()

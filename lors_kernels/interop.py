@@ -23,6 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
+from . import hf
 from .convert import lors_structure, replace_modules, restore_lors
 from .static import LorsLinear
 
@@ -183,13 +184,15 @@ def from_pretrained(model_class: type, directory: str, **kwargs: Any) -> nn.Modu
     if not os.path.isdir(directory):
         raise ValueError(f"from_pretrained: {directory!r} is not a directory (save_pretrained's output)")
     config = AutoConfig.from_pretrained(directory)
-    if getattr(config, "lors", None) is None:
+    structure = hf.structure_of(config)
+    if structure is None:
         raise ValueError(
-            f"from_pretrained: {directory}/config.json has no 'lors' entry: not a model converted by "
-            "lorsify (set model.config.lors = lors_structure(model) before save_pretrained)"
+            f"from_pretrained: {directory}/config.json records no LORS structure: not a model converted by "
+            "lorsify (set model.config.quantization_config = lors_kernels.hf.quantization_config("
+            "lors_structure(model)) before save_pretrained)"
         )
     build = getattr(model_class, "from_config", None) or model_class._from_config
-    model = restore_lors(build(config, **kwargs))
+    model = restore_lors(build(config, **kwargs), structure)
     index = os.path.join(directory, "model.safetensors.index.json")
     if os.path.exists(index):
         with open(index) as f:

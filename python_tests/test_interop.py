@@ -11,7 +11,7 @@ from helpers import TARGETS, Mlp, Stacked, peft_model, random_pairs, tiny_bert
 from torch import nn
 
 import lors_kernels as lk
-from lors_kernels import interop
+from lors_kernels import hf, interop
 from lors_kernels.convert import lors_structure, lorsify, restore_lors
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # models are built from configs: nothing may be downloaded
@@ -52,7 +52,7 @@ def test_safetensors_save_model_and_structure_round_trip(tmp_path):
         broken = Dense()
         broken.blocks[0] = nn.Tanh()
         restore_lors(broken, lors_structure(model))
-    with pytest.raises(ValueError, match="no config.lors"):
+    with pytest.raises(ValueError, match="the model's config records none"):
         restore_lors(Dense())
 
 
@@ -66,9 +66,10 @@ def test_hugging_face_save_pretrained_and_back(tmp_path):
     model = tiny_bert()
     lorsify(model, TARGETS, rank=4)
     random_pairs(model)
-    assert model.config.lors == lors_structure(model)
+    assert hf.structure_of(model.config) == lors_structure(model)
     model.save_pretrained(tmp_path)  # safetensors refuses aliased tensors: the shared weights are saved once
-    assert json.loads((tmp_path / "config.json").read_text())["lors"]["stacks"][1]["pattern"] == TARGETS[1]
+    config = json.loads((tmp_path / "config.json").read_text())
+    assert config["quantization_config"]["structure"]["stacks"][1]["pattern"] == TARGETS[1]
     ids = torch.randint(0, 64, (2, 10))
     expected = model(ids).last_hidden_state
     for cls in (BertModel, AutoModel):
@@ -77,9 +78,13 @@ def test_hugging_face_save_pretrained_and_back(tmp_path):
         torch.testing.assert_close(loaded(ids).last_hidden_state, expected)
         layers = [loaded.encoder.layer[i].intermediate.dense for i in range(3)]
         assert all(isinstance(l, lk.LorsLinear) and l.shared is layers[0].shared for l in layers)
+    # the "lors" entry of checkpoints converted before the quantization_config record still loads
+    config["lors"] = config.pop("quantization_config")["structure"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(interop.from_pretrained(BertModel, str(tmp_path))(ids).last_hidden_state, expected)
     dense_dir = tmp_path / "dense"
     tiny_bert().save_pretrained(dense_dir)
-    with pytest.raises(ValueError, match="no 'lors' entry"):
+    with pytest.raises(ValueError, match="records no LORS structure"):
         interop.from_pretrained(BertModel, str(dense_dir))
 
 

@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from .. import hf
 from ..static import LorsLinear, SharedWeight
 from .accounting import _numel
 from .calibration import _batches, _calibrate
@@ -206,8 +207,9 @@ def lorsify(
 
     Returns {pattern: StackReport}. The model's function is kept exactly when every residual's rank
     fits (and, for "pca", when the calibration inputs span the layer's input space). A stack that saves
-    no parameter is warned about. A Hugging Face model's config gets the stacks (``config.lors``, see
-    ``lors_structure``), so that ``save_pretrained`` records them.
+    no parameter is warned about. A Hugging Face model's config gets the stacks (``lors_structure``) as
+    its ``quantization_config`` of method "lors", so that ``save_pretrained`` records them and
+    transformers' ``from_pretrained`` rebuilds them (``lors_kernels.hf``).
     """
     if method not in ("svd", "pca"):
         raise ValueError(f"lorsify: method must be 'svd' or 'pca', got {method!r}")
@@ -314,7 +316,7 @@ def lorsify(
     replace_modules(model, {id(linear): layer for linear, layer in replacements.values()})
     config = getattr(model, "config", None)
     if hasattr(config, "to_json_string"):  # a Hugging Face model: save_pretrained writes it to config.json
-        config.lors = lors_structure(model)
+        config.quantization_config = hf.quantization_config(lors_structure(model))
     return reports
 
 

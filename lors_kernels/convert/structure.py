@@ -7,6 +7,7 @@ from collections.abc import Mapping
 
 from torch import nn
 
+from .. import hf
 from ..static import LorsLinear, SharedWeight, shared_stacks
 from .modules import _stack_name, replace_modules
 
@@ -16,8 +17,9 @@ __all__ = ["lors_structure", "restore_lors", "to_dense"]
 def lors_structure(model: nn.Module) -> dict:
     """The LORS^T stacks of ``model`` as JSON-able data: for each stack its shape, the shared weight's
     init and each layer's name, rank, groups, bias, scaling and dropout. ``lorsify`` stores it in a
-    Hugging Face model's ``config.lors`` (so ``save_pretrained`` writes it to config.json);
-    ``restore_lors`` rebuilds the stacks from it."""
+    Hugging Face model's config (``quantization_config``, so that ``save_pretrained`` writes it to
+    config.json and ``from_pretrained`` rebuilds the stacks: ``lors_kernels.hf``); ``restore_lors``
+    rebuilds the stacks from it."""
     stacks = [
         {
             "pattern": _stack_name([n for n, _ in layers]),
@@ -43,14 +45,14 @@ def lors_structure(model: nn.Module) -> dict:
 
 def restore_lors(model: nn.Module, structure: dict | None = None) -> nn.Module:
     """Give a dense model (the same architecture, e.g. built from its config) the LORS stacks that
-    ``structure`` (from ``lors_structure``; by default ``model.config.lors``) describes, in place and
+    ``structure`` (from ``lors_structure``; by default the one the model's config records) describes, in place and
     with fresh values, ready to load the converted model's checkpoint. Stacks the model builds itself
     (LorsAdaptiveMixing's output projection) are left as they are. Returns ``model``."""
     if structure is None:
-        structure = getattr(getattr(model, "config", None), "lors", None)
+        structure = hf.structure_of(getattr(model, "config", None))
         if structure is None:
             raise ValueError(
-                "restore_lors: no structure given, and the model has no config.lors (lorsify records "
+                "restore_lors: no structure given, and the model's config records none (lorsify records "
                 "it in a Hugging Face model's config; elsewhere save lors_structure(model) yourself)"
             )
     if not isinstance(structure, Mapping) or structure.get("format") != "lors_kernels" or structure.get("version") != 1:
@@ -101,11 +103,18 @@ def restore_lors(model: nn.Module, structure: dict | None = None) -> nn.Module:
 def to_dense(model: nn.Module) -> nn.Module:
     """The way back from ``lorsify``, in place: every LorsLinear of ``model`` replaced by the nn.Linear
     computing what it computes (``LorsLinear.to_linear``, merged layers included), and the structure
-    record (``config.lors``) dropped, so that the model saves and loads as its dense architecture.
+    record (the config's ``quantization_config`` of method "lors") dropped, so that the model saves and
+    loads as its dense architecture. ``model.dequantize()`` of a loaded Hugging Face model does the same.
     Returns ``model``."""
     new = {id(m): m.to_linear().train(m.training) for m in model.modules() if isinstance(m, LorsLinear)}
     replace_modules(model, new)
     config = getattr(model, "config", None)
-    if getattr(config, "lors", None) is not None:
-        del config.lors
+    if hf.structure_of(config) is not None:
+        if getattr(config, "lors", None) is not None:  # the record of older conversions
+            del config.lors
+        quantizer = getattr(model, "hf_quantizer", None)
+        if quantizer is not None and quantizer.quantization_config.quant_method == hf.METHOD:
+            quantizer.remove_quantization_config(model)  # loaded by from_pretrained: is_quantized goes too
+        elif hf.structure_of(config) is not None:
+            del config.quantization_config
     return model
