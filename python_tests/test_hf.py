@@ -87,3 +87,30 @@ def test_a_fresh_process_loads_it_once_lors_kernels_is_imported(converted, first
     torch.save(ids, path / "ids.pt")
     subprocess.run([sys.executable, "-c", script], check=True, capture_output=True, text=True)
     torch.testing.assert_close(torch.load(out), expected)
+
+
+def test_lorsify_through_a_wrapper_records_names_relative_to_the_model_that_saves(tmp_path):
+    """A wrapper showing its inner model's config (as a SentenceTransformer does): the structure names the
+    layers as the inner model's save_pretrained names its weights."""
+    pytest.importorskip("transformers")
+    from transformers import AutoModel
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = tiny_bert()
+
+        @property
+        def config(self):
+            return self.inner.config
+
+        def forward(self, ids):
+            return self.inner(ids).last_hidden_state
+
+    wrapper = Wrapper()
+    lorsify(wrapper, [f"inner.{t}" for t in TARGETS], rank=4)
+    random_pairs(wrapper)
+    assert hf.structure_of(wrapper.config) == lors_structure(wrapper.inner)
+    ids = torch.randint(0, 64, (2, 10))
+    wrapper.inner.save_pretrained(tmp_path)
+    torch.testing.assert_close(AutoModel.from_pretrained(tmp_path)(ids).last_hidden_state, wrapper(ids))

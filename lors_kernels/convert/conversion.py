@@ -316,8 +316,17 @@ def lorsify(
     replace_modules(model, {id(linear): layer for linear, layer in replacements.values()})
     config = getattr(model, "config", None)
     if hasattr(config, "to_json_string"):  # a Hugging Face model: save_pretrained writes it to config.json
-        config.quantization_config = hf.quantization_config(lors_structure(model))
+        config.quantization_config = hf.quantization_config(lors_structure(_config_owner(model, config)))
     return reports
+
+
+def _config_owner(model: nn.Module, config: Any) -> nn.Module:
+    """The outermost transformers model holding ``config``, whose save_pretrained writes the weights under
+    names relative to it: ``model`` itself, or the inner model of a wrapper that shows its config (a
+    SentenceTransformer's ``.config`` is its transformer's)."""
+    from transformers import PreTrainedModel
+
+    return next((m for m in model.modules() if isinstance(m, PreTrainedModel) and m.config is config), model)
 
 
 def _fit_pca(
