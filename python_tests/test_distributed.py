@@ -94,7 +94,20 @@ class OneLayer(lk.LorsLinear):
         return super().forward(x)
 
 
-MODELS = {"stacks": Net, "blocks": Net, "names": Net, "adaptive": MixNet, "layer": OneLayer}
+class InPlaceNet(Net):
+    """Net on [rows, 1, 12] inputs, scaling each fc1 output in place (h.mul_), as code written for
+    nn.Linear may: a LorsLinear output is no view for FSDP2 to warn about, and the in-place op is plain."""
+
+    def forward(self, x, skip=None):
+        x = x[:, None]
+        for block in self.blocks:
+            h = block.fc1(block.norm(x))
+            h.mul_(0.5)
+            x = x + block.fc2(torch.relu(h))
+        return self.head(x[:, 0])
+
+
+MODELS = {"stacks": Net, "blocks": Net, "names": Net, "adaptive": MixNet, "layer": OneLayer, "inplace": InPlaceNet}
 UNITS = {"blocks": Block, "names": ["blocks.0", "blocks.1", "blocks.2"]}
 
 

@@ -109,8 +109,13 @@ def _explain_bad_inputs(x, weight, down, up, bias) -> None:
 
 
 def _unrows(y: Tensor, x: Tensor) -> Tensor:
-    """The kernels' rows [M, out] back to x's leading dims."""
-    return y if x.dim() == 2 else y.reshape(*x.shape[:-1], y.shape[-1])
+    """The kernels' rows [M, out] back to x's leading dims, as a tensor of its own on the same memory, not
+    a view of the rows: autograd refuses in-place ops on a view made inside a custom Function, and
+    FSDP2 warns of views returned by a module (in-place ops there skip its pre-backward hook)."""
+    if x.dim() == 2:
+        return y
+    shaped = y.view(*x.shape[:-1], y.shape[-1])
+    return y.new_empty(0).set_(y.untyped_storage(), y.storage_offset(), shaped.shape, shaped.stride())
 
 
 def _triton_forward(x, weight, down, up, bias, scaling):

@@ -20,19 +20,31 @@ def materialize_is_cheaper(m: int, n: int, k: int, r: int) -> bool:
     return r > 0 and m * (k + n) > n * k + n * k // max(r, 1)
 
 
+def dense_linear(x: Tensor, weight: Tensor, bias: Tensor | None) -> Tensor:
+    """F.linear, but for inputs of more than two dims never a view: F.linear with a bias returns a view
+    of its [M, out] GEMM there, and FSDP2 warns of views a module returns."""
+    if x.dim() <= 2 or bias is None:
+        return F.linear(x, weight, bias)
+    return (x @ weight.t()).add_(bias)
+
+
 def lors_linear(
     x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None = None, scaling: float = 1.0
 ) -> Tensor:
     r = down.shape[0]
     if r == 0 and not (torch.is_grad_enabled() and (down.requires_grad or up.requires_grad)):
-        return F.linear(x, weight, bias)  # recorded, the general path gives down and up their (empty) gradients
+        return dense_linear(x, weight, bias)  # recorded, the general path gives down and up their (empty) gradients
     m = math.prod(x.shape[:-1])
     if materialize_is_cheaper(m, weight.shape[0], weight.shape[1], r):
-        return F.linear(x, torch.addmm(weight, up, down, alpha=scaling), bias)
-    # As eager code at its best writes it: the GEMM with its bias, then the low-rank term added in place.
-    x2 = x.reshape(m, x.shape[-1])
-    y = x2 @ weight.t() if bias is None else torch.addmm(bias, x2, weight.t())
-    return y.addmm_(x2 @ down.t(), up.t(), alpha=scaling).reshape(*x.shape[:-1], weight.shape[0])
+        return dense_linear(x, torch.addmm(weight, up, down, alpha=scaling), bias)
+    # As eager code at its best writes it: the GEMM, then the low-rank term and the bias added in place,
+    # through a [M, out] view of y. y itself is no view (matmul folds the leading dims without one, where
+    # F.linear with a bias returns a view): FSDP2 warns of views a module returns.
+    y = x @ weight.t()
+    rows = y.view(m, weight.shape[0]).addmm_(x.reshape(m, x.shape[-1]) @ down.t(), up.t(), alpha=scaling)
+    if bias is not None:
+        rows.add_(bias)
+    return y
 
 
 def lors_linear_backward(

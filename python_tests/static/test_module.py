@@ -113,6 +113,27 @@ def test_shared_weight_gradient_is_sum_over_layers(backend_name, use_backend):
     assert_close(shared.grad, expected, torch.float32, "dshared")
 
 
+@pytest.mark.parametrize("state", ["pair", "rank0", "merged"])
+@pytest.mark.parametrize("backend_name", ["reference", "native", "triton"])
+def test_outputs_are_no_views_and_take_in_place_ops(backend_name, state, use_backend):
+    """A [B, T, in] input gives an output of its own (no view of the kernels' [rows, out]: autograd refused
+    in-place ops on it, "Output 0 of LorsLinearFunction is a view"; FSDP2 warns of views), and an in-place
+    op on it in training has the gradients of the same op out of place."""
+    use_backend(backend_name)
+    torch.manual_seed(0)
+    layer = lk.LorsLinear(8, 6, rank=0 if state == "rank0" else 2)
+    torch.nn.init.normal_(layer.up)
+    if state == "merged":
+        layer.merge()
+    x = torch.randn(2, 3, 8, device=KERNEL_DEVICE, requires_grad=True)
+    layer = layer.to(KERNEL_DEVICE)
+    out = layer(x)
+    assert out._base is None
+    out.mul_(0.5).sum().backward()
+    expected = torch.autograd.grad((layer(x) * 0.5).sum(), x)[0]
+    torch.testing.assert_close(x.grad, expected)
+
+
 def test_merge_unmerge_to_linear():
     layer = own_layer()
     x = torch.randn(3, 6)
