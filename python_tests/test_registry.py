@@ -362,3 +362,83 @@ def test_arguments_of_the_wrong_kind_are_named(case):
     name, changes, message = BAD_ARGUMENTS[case]
     with pytest.raises(TypeError, match=message):
         _call_with(name, **changes)()
+
+
+def _export_cases():
+    """name: (the call, its inputs), every op at small sizes; the attention's index with padding."""
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, std=1.0):
+        return torch.randn(*shape, generator=g) * std
+
+    index = torch.randint(-1, 12, (2, 5), generator=g)
+    return {
+        "lors_linear": (
+            lambda x, w, d, u, b: lk.lors_linear(x, w, d, u, b, scaling=0.5),
+            (rand(2, 3, 8), rand(6, 8), rand(2, 8), rand(6, 2), rand(6)),
+        ),
+        "adaptive_mixing": (
+            lambda x, m, s, e, q, f: lk.adaptive_mixing(x, m, s, channel_private=(e, q, f)),
+            (
+                rand(3, 2, 4, 5),
+                rand(3, 2, 5, 6, std=0.4),
+                rand(3, 2, 7, 4, std=0.5),
+                rand(2, 5, 2),
+                rand(3, 2, 2, 2),
+                rand(2, 2, 6),
+            ),
+        ),
+        "generate_mixing_weights": (
+            lambda q, w, b, cw, cb: lk.generate_mixing_weights(
+                q, w, b, cw, cb, groups=2, in_channels=2, out_channels=3, in_points=3, out_points=2, rank=1
+            ),
+            (rand(2, 3, 5), rand(2 * (6 + 6), 5), rand(24), rand(4, 5), rand(4)),
+        ),
+        "select_windows": (lambda s: lk.select_windows(s, (4, 8), (16, 32), 3), (rand(2, 5, 32),)),
+        "select_topk_pixels": (
+            lambda s: lk.select_topk_pixels(s, (4, 8), (16, 32), 40, per_query=True),
+            (rand(2, 5, 32),),
+        ),
+        "sparse_cross_attention_shared": (
+            lk.sparse_cross_attention,
+            (rand(2, 2, 4, 8), rand(2, 2, 12, 8), rand(2, 2, 12, 8), index),
+        ),
+        "sparse_cross_attention_per_query": (
+            lk.sparse_cross_attention,
+            (rand(2, 2, 4, 8), rand(2, 2, 12, 8), rand(2, 2, 12, 8), index[:, None].expand(2, 4, 5).contiguous()),
+        ),
+    }
+
+
+class _Call(torch.nn.Module):
+    def __init__(self, fn):
+        super().__init__()
+        self.fn = fn
+
+    def forward(self, *inputs):
+        return self.fn(*inputs)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+@pytest.mark.parametrize("name", list(_export_cases()))
+def test_export_holds_standard_ops_and_onnx_runs_them(name):
+    """torch.export records each op's reference (standard ops, no lors:: node), so the program runs without
+    lors_kernels and torch.onnx.export translates it; onnxruntime gives the eager outputs, the selections'
+    ties included (ONNX's TopK breaks them to the lower index, as the selection does)."""
+    pytest.importorskip("onnxscript")
+    pytest.importorskip("onnxruntime")
+    fn, inputs = _export_cases()[name]
+    model = _Call(fn).eval()
+    expected = model(*inputs)
+    expected = list(expected) if isinstance(expected, tuple) else [expected]
+    program = torch.export.export(model, inputs)
+    assert not [n.target for n in program.graph.nodes if "lors" in str(n.target)]
+    got = program.module()(*inputs)
+    for e, o in zip(expected, list(got) if isinstance(got, tuple) else [got]):
+        if name.startswith("select"):  # torch.topk, run by PyTorch, orders ties as it likes (ONNX's TopK does not)
+            assert o.shape == e.shape and o.dtype == e.dtype
+        else:
+            torch.testing.assert_close(o, e)
+    onnx = torch.onnx.export(model, inputs, dynamo=True, verbose=False)
+    for e, o in zip(expected, onnx(*inputs)):
+        torch.testing.assert_close(torch.as_tensor(o), e, rtol=1e-5, atol=1e-5)

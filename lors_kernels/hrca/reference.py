@@ -42,6 +42,8 @@ def _lerp(a: Tensor, b: Tensor, w: Tensor) -> Tensor:
 
 def _topk_lowest_index(values: Tensor, k: int):
     """Top-k along the last dim, ties broken by the lower index (a stable descending sort)."""
+    if torch.compiler.is_exporting():  # ONNX has no stable sort; its TopK breaks ties to the lower index
+        return torch.topk(values, k, dim=-1)
     order = torch.sort(values, dim=-1, descending=True, stable=True).indices[..., :k]
     return values.gather(-1, order), order
 
