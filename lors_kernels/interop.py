@@ -1,6 +1,7 @@
 """LORS models and the tools around them: PEFT LoRA adapters, Hugging Face and safetensors checkpoints.
 
-- ``register_peft(config)``: ``peft.get_peft_model`` then puts LoRA adapters on LorsLinear layers too.
+- ``register_peft(config)``: ``peft.get_peft_model`` then puts LoRA adapters on LorsLinear layers too;
+  ``all_linear(model)`` names what ``target_modules="all-linear"`` would, LORS layers included.
 - ``load_lora(model, state_dict, config)``: a PEFT LoRA adapter checkpoint applied without PEFT, each
   adapted nn.Linear becoming a LorsLinear (one fused kernel for base + adapter).
 - ``from_pretrained(model_class, directory)``: a converted Hugging Face model back from ``save_pretrained``
@@ -27,7 +28,7 @@ from . import hf
 from .convert import lors_structure, replace_modules, restore_lors
 from .static import LorsLinear
 
-__all__ = ["from_pretrained", "load_lora", "load_model", "lora_scaling", "register_peft", "save_model"]
+__all__ = ["all_linear", "from_pretrained", "load_lora", "load_model", "lora_scaling", "register_peft", "save_model"]
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -50,6 +51,19 @@ def register_peft(config: Any) -> Any:
     return config
 
 
+def all_linear(model: nn.Module) -> list[str]:
+    """The names of every nn.Linear and LorsLinear of ``model`` but its output layer (a Hugging Face
+    model's ``get_output_embeddings()``): what PEFT's ``target_modules="all-linear"`` means, LORS layers
+    included (PEFT looks for nn.Linear only). ``LoraConfig(target_modules=interop.all_linear(model))``."""
+    get_output = getattr(model, "get_output_embeddings", None)
+    output = get_output() if callable(get_output) else None
+    return [
+        name
+        for name, module in model.named_modules()
+        if isinstance(module, (nn.Linear, LorsLinear)) and module is not output
+    ]
+
+
 @functools.cache
 def _lora_over_lors() -> type:
     """PEFT's LoRA layer for a LorsLinear base. Merging concatenates each adapter to the base's private pair
@@ -61,6 +75,9 @@ def _lora_over_lors() -> type:
     from peft.tuners.tuners_utils import check_adapters_to_merge
 
     class LoraOverLors(Linear):
+        def _get_in_out_features(self, module: nn.Module) -> tuple[int, int]:
+            return module.in_features, module.out_features  # (PEFT warns of any layer type it does not know)
+
         def merge(self, safe_merge: bool = False, adapter_names: list[str] | None = None) -> None:
             base = self.get_base_layer()
             for name in check_adapters_to_merge(self, adapter_names):

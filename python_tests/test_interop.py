@@ -4,6 +4,7 @@
 import copy
 import json
 import os
+import warnings
 
 import pytest
 import torch
@@ -91,7 +92,6 @@ def test_hugging_face_save_pretrained_and_back(tmp_path):
 # ----------------------------------------------------------------------------------------------- PEFT
 
 
-@pytest.mark.filterwarnings("ignore:Unsupported layer type")  # PEFT's word on every custom layer it wraps
 def test_get_peft_model_on_lors_layers(tmp_path):
     pytest.importorskip("peft")
     from peft import LoraConfig, PeftModel, get_peft_model
@@ -122,6 +122,29 @@ def test_get_peft_model_on_lors_layers(tmp_path):
     torch.testing.assert_close(merged_lors(x), merged_dense(x), rtol=1e-5, atol=1e-5)
 
 
+def test_all_linear_adapts_what_peft_all_linear_adapts_lors_layers_included():
+    """interop.all_linear(converted) makes PEFT adapt the layers its "all-linear" adapts in the dense model,
+    LorsLinear ones included, and PEFT says nothing of unknown layer types."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+    from peft.tuners.lora import LoraLayer
+
+    def adapted(model):
+        return sorted(n.removeprefix("base_model.model.") for n, m in model.named_modules() if isinstance(m, LoraLayer))
+
+    dense = tiny_bert()
+    converted = copy.deepcopy(dense)
+    lorsify(converted, TARGETS, rank=4)
+    expected = adapted(get_peft_model(dense, LoraConfig(target_modules="all-linear")))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        peft = get_peft_model(
+            converted, interop.register_peft(LoraConfig(target_modules=interop.all_linear(converted)))
+        )
+    assert adapted(peft) == expected and len(expected) == 3 * 6 + 1  # six per layer, and the pooler
+    assert not [w for w in caught if "Unsupported layer type" in str(w.message)]
+
+
 def _random_adapters(model, seed=1):
     """Random lora_B (PEFT starts it at zero), so that every adapter shows."""
     g = torch.Generator().manual_seed(seed)
@@ -131,7 +154,6 @@ def _random_adapters(model, seed=1):
                 p.copy_(torch.randn(p.shape, generator=g) * 0.3)
 
 
-@pytest.mark.filterwarnings("ignore:Unsupported layer type")
 def test_peft_merges_into_every_layer_of_a_stack_exactly(tmp_path):
     """merge_adapter / unmerge_adapter / merge_and_unload on LoRA layers over a stack's layers: each adapter
     joins its layer's private pair (rank R -> R + r), the shared weight untouched; the outputs are PEFT's
