@@ -143,13 +143,23 @@ def _dense(*tensors):
     return [None if t is None else t.contiguous() for t in tensors]
 
 
+def _empty_tile(x, m, s) -> bool:
+    """A zero-size point or channel dim: every output and gradient is zero (the LayerNorm of an empty or an
+    all-zero tile is 0), and the kernels, whose LayerNorms would divide by a zero count, do not run."""
+    return 0 in (x.shape[2], x.shape[3], m.shape[3], s.shape[2])
+
+
 def _triton_forward(x, m, s, em, qm, fm, es, qs, fs, eps):
+    if _empty_tile(x, m, s):
+        return x.new_zeros((*x.shape[:2], s.shape[2], m.shape[3])), _no_pre1(x)
     x, m, s, em, qm, fm, es, qs, fs = _dense(x, m, s, em, qm, fm, es, qs, fs)
     return kernels.mixing_forward(x, m, s, _joined(em, qm, fm, ""), _joined(es, qs, fs, ""), eps), _no_pre1(x)
 
 
 def _triton_backward(c, dout):
     """The Triton backward, or the reference's for the one case whose tiles exceed shared memory."""
+    if _empty_tile(c.x, c.m, c.s):
+        return tuple(None if t is None else torch.zeros_like(t) for t in _inputs(c))
     if not kernels.backward_fits(c.x.dtype, c.s.shape[2], c.m.shape[3]):
         return _reference_backward(c, dout)
     x, m, s, em, qm, fm, es, qs, fs = _dense(*_inputs(c))
