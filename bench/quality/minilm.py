@@ -7,7 +7,7 @@ On the held-out half: the cosine of each sentence's embedding (mean-pooled, norm
 Sentence Transformers config says) to the dense model's, and the Spearman correlation of all pairwise
 similarities with the dense model's (what retrieval and clustering read).
 
-    python bench/quality_minilm.py --json bench/results/cpu-minilm-quality.json     # about 10 minutes on 2 cores
+    python bench/quality/minilm.py --json bench/quality/cpu-minilm.json     # about 10 minutes on 2 cores
 """
 
 import argparse
