@@ -222,8 +222,7 @@ class Op:
                 f"{self.name}_op.route takes every argument of the op's schema ({', '.join(self.args)}), which has "
                 f"no defaults; lk.{self.name}.route takes the public function's arguments ({error})"
             ) from None
-        args = tuple(case)
-        device = _device(args)
+        device = _device(case)
         forced = backend.forced_backend()
         if forced is None:
             kind = device.type

@@ -109,12 +109,11 @@ def to_dense(model: nn.Module) -> nn.Module:
     new = {id(m): m.to_linear().train(m.training) for m in model.modules() if isinstance(m, LorsLinear)}
     replace_modules(model, new)
     config = getattr(model, "config", None)
-    if hf.structure_of(config) is not None:
-        if getattr(config, "lors", None) is not None:  # the record of older conversions
-            del config.lors
-        quantizer = getattr(model, "hf_quantizer", None)
-        if quantizer is not None and quantizer.quantization_config.quant_method == hf.METHOD:
-            quantizer.remove_quantization_config(model)  # loaded by from_pretrained: is_quantized goes too
-        elif hf.structure_of(config) is not None:
-            del config.quantization_config
+    if getattr(config, "lors", None) is not None:  # the record of older conversions
+        del config.lors
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and quantizer.quantization_config.quant_method == hf.METHOD:
+        quantizer.remove_quantization_config(model)  # loaded by from_pretrained: is_quantized goes too
+    elif hf.structure_of(config) is not None:
+        del config.quantization_config
     return model
