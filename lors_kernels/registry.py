@@ -435,9 +435,10 @@ def define_op(
     )
 
 
-def public(op: Op, finish: Callable | None = None) -> Callable[[Callable[P, tuple]], Callable[P, Any]]:
-    """Decorator making the public function of ``op`` from ``arguments``, a function with the public
-    signature and docstring that returns the op's arguments (its schema's, in order).
+def public(*ops: Op, finish: Callable | None = None) -> Callable[[Callable[P, tuple]], Callable[P, Any]]:
+    """Decorator making the public function of ``ops`` from ``arguments``, a function with the public
+    signature and docstring that returns the op's arguments (its schema's, in order); a function over
+    several ops (lors_linear with and without ``index``) returns ``(op, arguments)``, the op one of them.
 
     The decorated function keeps the parameters of ``arguments`` but returns the op's outputs (one tensor
     or a tuple of them), not its arguments: it calls the op on what ``arguments`` returns and returns the
@@ -447,13 +448,18 @@ def public(op: Op, finish: Callable | None = None) -> Callable[[Callable[P, tupl
     """
 
     def make(arguments: Callable[P, tuple]) -> Callable[P, Any]:
+        def call(*args, **kwargs) -> tuple[Op, tuple]:
+            chosen = arguments(*args, **kwargs)
+            return (ops[0], chosen) if len(ops) == 1 else chosen
+
         @functools.wraps(arguments)
         def function(*args: P.args, **kwargs: P.kwargs) -> Any:
-            outputs = op(*arguments(*args, **kwargs))
+            op, op_args = call(*args, **kwargs)
+            outputs = op(*op_args)
             return outputs if finish is None else finish(outputs, *args, **kwargs)
 
         def route(*args: P.args, **kwargs: P.kwargs) -> Impl:
-            op_args = arguments(*args, **kwargs)
+            op, op_args = call(*args, **kwargs)
             op.check(*op_args)
             return op.route(*op_args)
 
