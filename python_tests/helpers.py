@@ -60,6 +60,10 @@ def op_calls(device="cpu", dtype=torch.float32, grad=True, seed=0):
 
     scores = torch.rand(2, 5, 4 * 8, generator=g).to(device=device, dtype=dtype)
     linear = (rand(37, 64), rand(48, 64, std=0.125), rand(8, 64, std=0.125), rand(48, 8, std=0.35), rand(48))
+    # Rows at four layers of a stack (and -1), ranks 8, 3, 0, 5, a bias per layer, scaling per layer.
+    stacked = (linear[0], linear[1], rand(4, 8, 64, std=0.125), rand(4, 48, 8, std=0.35), rand(4, 48), rand(4))
+    layer_of_row = (torch.arange(37) % 5 - 1).to(device)
+    ranks = torch.tensor([8, 3, 0, 5], device=device)
     bn, groups, p_in, c, p_out, r, k = 6, 2, 8, 16, 12, 4, 2
     mixing = (rand(bn, groups, p_in, c), rand(bn, groups, c, c, std=0.25), rand(bn, groups, p_out, p_in, std=0.35))
     channel = (rand(groups * k, c, r, std=0.25), rand(bn, groups * k, r, r, std=0.5), rand(groups * k, r, c, std=0.5))
@@ -75,6 +79,9 @@ def op_calls(device="cpu", dtype=torch.float32, grad=True, seed=0):
     per_query = torch.randint(-1, 64, (2, 5, 24), generator=g).to(device)
     return {
         "lors_linear": Call(lambda: lk.lors_linear(*linear, scaling=0.5), linear),
+        "lors_linear_indexed": Call(
+            lambda: lk.lors_linear(*stacked[:5], scaling=stacked[5], index=layer_of_row, ranks=ranks), stacked
+        ),
         "adaptive_mixing": Call(
             lambda: lk.adaptive_mixing(*mixing, channel_private=channel, spatial_private=spatial),
             mixing + channel + spatial,

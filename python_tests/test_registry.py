@@ -230,6 +230,11 @@ def public_calls():
     return {
         "lors_linear": (lk.lors_linear, (x, weight, down, up), {}),
         "lors_linear_keywords": (lk.lors_linear, (x, weight, down), dict(up=up, bias=bias, scaling=0.5)),
+        "lors_linear_indexed": (
+            lk.lors_linear,
+            (x, weight, down[None].expand(3, 8, 64), up[None].expand(3, 32, 8)),
+            dict(index=torch.tensor([2, -1, 0, 2]), ranks=[8, 2, 5], scaling=0.5),
+        ),
         "adaptive_mixing": (lk.adaptive_mixing, mixing, dict(channel_private=channel, eps=1e-6)),
         "generate_mixing_weights": (lk.generate_mixing_weights, (torch.randn(3, 16), torch.randn(62, 16)), layout),
         "select_windows": (lk.select_windows, (scores, (4, 8), (16, 32), 3), {}),

@@ -276,3 +276,288 @@ def lors_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, 
     lors_matmul(g.t(), x, ddown)
     dup = side[:, :r].contiguous()
     return dx, dweight, ddown, dup, side[:, r].contiguous() if has_bias else None
+
+
+# ------------------------------------------------------------------------------------------ indexed
+# Rows at different layers of one stack (down [L, R, K], up [L, N, R], index [M] in [-1, L)). The rows
+# are sorted by layer once (`order`, `layer` = index[order], `starts` = where each layer's rows begin in
+# that order); every kernel walks rows in sorted order and reads and writes them in place (order[j]), so
+# no operand is permuted in memory. A tile of sorted rows holds a few consecutive layers: it reads the
+# shared tile once for all its rows and each of its layers' low-rank tiles once, each layer's product
+# kept to its own rows (a NaN or inf in one layer's pair never reaches another layer's rows).
+
+
+@triton.jit
+def _layers_of(layer, mask):
+    """The first and last layer (>= 0) among a tile's sorted rows; last < first when it has none."""
+    first = tl.maximum(tl.min(tl.where(mask, layer, 2147483647)), 0)
+    last = tl.max(tl.where(mask, layer, -1))
+    return first, last
+
+
+@triton.jit
+def lors_indexed_shrink_kernel(
+    a_ptr, down_ptr, t_ptr, order_ptr, layer_ptr, ranks_ptr,
+    M, K, R,
+    stride_am, stride_ak, stride_dl, stride_dr, stride_dk, stride_tm, stride_tr,
+    HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+):
+    # T[row] = A[row] @ down[i]^T on the columns below layer i's rank, 0 elsewhere and on rows at -1 (fp32).
+    offs_j = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_r = tl.program_id(1) * BLOCK_R + tl.arange(0, BLOCK_R)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    mask_j = offs_j < M
+    rows = tl.load(order_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+    layer = tl.load(layer_ptr + offs_j, mask=mask_j, other=-1)
+    first, last = _layers_of(layer, mask_j)
+    t = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+    for i in range(first, last + 1):
+        rank = tl.load(ranks_ptr + i) if HAS_RANKS else R
+        mine = mask_j & (layer == i)
+        mask_r = offs_r < rank
+        if tl.program_id(1) * BLOCK_R < rank:
+            part = tl.zeros((BLOCK_M, BLOCK_R), dtype=tl.float32)
+            for k0 in range(0, K, BLOCK_K):
+                ks = k0 + offs_k
+                mask_k = ks < K
+                a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                            mask=mine[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+                down = tl.load(down_ptr + i * stride_dl + offs_r[None, :] * stride_dr + ks[:, None] * stride_dk,
+                               mask=mask_k[:, None] & mask_r[None, :], other=0.0).to(DOT_DTYPE)
+                part = tl.dot(a, down, part, input_precision=PRECISION)
+            t = tl.where(mine[:, None], part, t)
+    tl.store(t_ptr + rows[:, None] * stride_tm + offs_r[None, :] * stride_tr, t,
+             mask=mask_j[:, None] & (offs_r < R)[None, :])
+
+
+@triton.jit
+def lors_indexed_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, t_ptr, up_ptr, scaling_ptr, bias_ptr, order_ptr, layer_ptr, ranks_ptr,
+    M, N, K, R,
+    stride_am, stride_ak, stride_bk, stride_bn, stride_cm, stride_cn, stride_tm, stride_tr,
+    stride_ul, stride_ur, stride_un, stride_bl, stride_bn_bias,
+    HAS_BIAS: tl.constexpr,
+    BIAS_PER_LAYER: tl.constexpr,  # bias [L, N]: rows of layer i add bias[i]; else bias [N]: every row
+    HAS_RANKS: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    GROUP_M: tl.constexpr,
+):
+    # C[row] = A[row] @ B + scaling[i] * T[row] @ up[i] (+ bias) for the rows of a tile of sorted rows.
+    pid_m, pid_n = triton_utils.grouped_tile(tl.program_id(0), M, N, BLOCK_M, BLOCK_N, GROUP_M)
+    offs_j = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_n = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_k = tl.arange(0, BLOCK_K).to(tl.int64)
+    offs_r = tl.arange(0, BLOCK_R)
+    mask_j = offs_j < M
+    mask_n = offs_n < N
+    rows = tl.load(order_ptr + offs_j, mask=mask_j, other=0).to(tl.int64)
+    layer = tl.load(layer_ptr + offs_j, mask=mask_j, other=-1)
+
+    # The shared weight: one pass for the tile's rows, whatever their layers.
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        ks = k0 + offs_k
+        mask_k = ks < K
+        a = tl.load(a_ptr + rows[:, None] * stride_am + ks[None, :] * stride_ak,
+                    mask=mask_j[:, None] & mask_k[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptr + ks[:, None] * stride_bk + offs_n[None, :] * stride_bn,
+                    mask=mask_k[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+
+    # Each layer of the tile: its up tile once, up to its own rank, onto its own rows.
+    first, last = _layers_of(layer, mask_j)
+    for i in range(first, last + 1):
+        mine = mask_j & (layer == i)
+        rank = tl.load(ranks_ptr + i) if HAS_RANKS else R
+        scaling = tl.load(scaling_ptr + i).to(tl.float32)
+        part = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+        for r0 in range(0, rank, BLOCK_R):
+            rs = r0 + offs_r
+            mask_r = rs < rank
+            t = tl.load(t_ptr + rows[:, None] * stride_tm + rs[None, :] * stride_tr,
+                        mask=mine[:, None] & mask_r[None, :], other=0.0)
+            up = tl.load(up_ptr + i * stride_ul + rs[:, None] * stride_ur + offs_n[None, :] * stride_un,
+                         mask=mask_r[:, None] & mask_n[None, :], other=0.0).to(DOT_DTYPE)
+            part = tl.dot((t * scaling).to(DOT_DTYPE), up, part, input_precision=PRECISION)
+        if HAS_BIAS:
+            if BIAS_PER_LAYER:
+                bias = tl.load(bias_ptr + i * stride_bl + offs_n * stride_bn_bias, mask=mask_n, other=0.0)
+                part += bias.to(tl.float32)[None, :]
+        acc += tl.where(mine[:, None], part, 0.0)
+    if HAS_BIAS:
+        if not BIAS_PER_LAYER:
+            acc += tl.load(bias_ptr + offs_n * stride_bn_bias, mask=mask_n, other=0.0).to(tl.float32)[None, :]
+    tl.store(c_ptr + rows[:, None] * stride_cm + offs_n[None, :] * stride_cn, acc.to(c_ptr.dtype.element_ty),
+             mask=mask_j[:, None] & mask_n[None, :])
+
+
+@triton.jit
+def lors_segment_matmul_kernel(
+    a_ptr, b_ptr, c_ptr, scaling_ptr, order_ptr, starts_ptr,
+    P, Q,
+    stride_am, stride_ap, stride_bm, stride_bq, stride_cl, stride_cp, stride_cq,
+    HAS_SCALING: tl.constexpr,
+    DOT_DTYPE: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+):
+    # C[i] = scaling[i] * A[rows of i]^T @ B[rows of i]: each program owns one tile of one layer's C and
+    # walks that layer's rows in order (deterministic, no atomics); a layer without rows gets zeros.
+    i = tl.program_id(0)
+    offs_p = tl.program_id(1) * BLOCK_P + tl.arange(0, BLOCK_P)
+    offs_q = tl.program_id(2) * BLOCK_Q + tl.arange(0, BLOCK_Q)
+    mask_p = offs_p < P
+    mask_q = offs_q < Q
+    lo = tl.load(starts_ptr + i)
+    hi = tl.load(starts_ptr + i + 1)
+    acc = tl.zeros((BLOCK_P, BLOCK_Q), dtype=tl.float32)
+    for j0 in range(lo, hi, BLOCK_M):
+        js = j0 + tl.arange(0, BLOCK_M)
+        mask_j = js < hi
+        rows = tl.load(order_ptr + js, mask=mask_j, other=0).to(tl.int64)
+        a = tl.load(a_ptr + rows[:, None] * stride_am + offs_p[None, :] * stride_ap,
+                    mask=mask_j[:, None] & mask_p[None, :], other=0.0).to(DOT_DTYPE)
+        b = tl.load(b_ptr + rows[:, None] * stride_bm + offs_q[None, :] * stride_bq,
+                    mask=mask_j[:, None] & mask_q[None, :], other=0.0).to(DOT_DTYPE)
+        acc = tl.dot(tl.trans(a), b, acc, input_precision=PRECISION)
+    if HAS_SCALING:
+        acc *= tl.load(scaling_ptr + i).to(tl.float32)
+    tl.store(c_ptr + i.to(tl.int64) * stride_cl + offs_p[:, None] * stride_cp + offs_q[None, :] * stride_cq,
+             acc.to(c_ptr.dtype.element_ty), mask=mask_p[:, None] & mask_q[None, :])
+
+
+class Rows(NamedTuple):
+    """Rows sorted by layer: order (row of each sorted position), layer (its layer), starts [L + 1]."""
+
+    order: Tensor
+    layer: Tensor
+    starts: Tensor
+
+
+def sort_rows(index: Tensor, layers: int) -> Rows:
+    """Stable, on the device, no host sync (CUDA graphs capture it): rows at -1 come first, in no segment."""
+    order = torch.argsort(index, stable=True)
+    layer = index[order]
+    starts = torch.searchsorted(layer, torch.arange(layers + 1, device=index.device, dtype=layer.dtype))
+    return Rows(order, layer, starts)
+
+
+# Tiles of the shrink (rows, K) and of the segment sums (rows, widest P and Q tile), 4 warps each, 64 rows
+# for Hopper's wgmma; the main kernel takes lors_matmul's configurations.
+SHRINK_M, SHRINK_K = 64, 64
+SEGMENT_M, SEGMENT_PQ = 32, 64
+
+
+def _given(t: Tensor, stand_in: Tensor) -> Tensor:
+    """An empty operand's storage may be no pointer at all; its kernel never reads it: pass another."""
+    return t if t.numel() else stand_in
+
+
+def indexed_shrink(a: Tensor, down: Tensor, rows: Rows, ranks: Tensor | None) -> Tensor:
+    """T [M, R] fp32: a[m] @ down[index[m]]^T below the layer's rank, 0 elsewhere; down [L, R, K]."""
+    m, k = a.shape
+    r = down.shape[1]
+    t = torch.empty((m, r), device=a.device, dtype=torch.float32)
+    if m == 0 or r == 0:
+        return t
+    block_r = min(block(r), MAX_FUSED_RANK)
+    args = (_given(a, t), _given(down, t), t, rows.order, rows.layer, t if ranks is None else ranks, m, k, r,
+            *a.stride(), *down.stride(), *t.stride())
+    constexprs = dict(HAS_RANKS=ranks is not None, DOT_DTYPE=dot_dtype(a, down), PRECISION=precision(),
+                      BLOCK_M=SHRINK_M, BLOCK_K=SHRINK_K, BLOCK_R=block_r)
+    grid = (triton.cdiv(m, SHRINK_M), triton.cdiv(r, block_r))
+    triton_utils.launch(lors_indexed_shrink_kernel, grid, args, constexprs, 4, 3)
+    return t
+
+
+def indexed_matmul(a: Tensor, b: Tensor, out: Tensor, t: Tensor, up: Tensor, scaling: Tensor, rows: Rows,
+                   ranks: Tensor | None, bias: Tensor | None = None) -> Tensor:
+    """out[m] = a[m] @ b + scaling[i] * t[m] @ up[i] (+ bias or bias[i]), i = index[m]; a [M, K], b [K, N],
+    t [M, R], up [L, R, N]: any strides."""
+    m, k = a.shape
+    n, r = b.shape[1], t.shape[1]
+    if m == 0 or n == 0:
+        return out
+    cfg = pick_config(m, n, a.dtype if a.dtype.itemsize == 2 else b.dtype, triton_utils.sm_count(a.device))
+    tiles = triton.cdiv(m, cfg.BLOCK_M) * triton.cdiv(n, cfg.BLOCK_N)
+    per_layer = bias is not None and bias.dim() == 2
+    bias_strides = (0, 0) if bias is None else tuple(bias.stride()) if per_layer else (0, bias.stride(0))
+    args = (_given(a, out), _given(b, out), out, _given(t, out), _given(up, out), _given(scaling, out),
+            out if bias is None else _given(bias, out), rows.order, rows.layer,
+            out if ranks is None else _given(ranks, out), m, n, k, r,
+            *a.stride(), *b.stride(), *out.stride(), *t.stride(), *up.stride(), *bias_strides)
+    constexprs = dict(HAS_BIAS=bias is not None, BIAS_PER_LAYER=per_layer, HAS_RANKS=ranks is not None,
+                      DOT_DTYPE=dot_dtype(a, b), PRECISION=precision(), BLOCK_M=cfg.BLOCK_M,
+                      BLOCK_N=cfg.BLOCK_N, BLOCK_K=cfg.BLOCK_K, BLOCK_R=min(block(r), MAX_FUSED_RANK), GROUP_M=8)
+    triton_utils.launch(lors_indexed_matmul_kernel, (tiles,), args, constexprs, cfg.num_warps, cfg.num_stages)
+    return out
+
+
+def segment_matmul(a: Tensor, b: Tensor, out: Tensor, rows: Rows, scaling: Tensor | None = None) -> Tensor:
+    """out[i] = scaling[i] * a[rows of i]^T @ b[rows of i]; a [M, P], b [M, Q], out [L, P, Q]."""
+    layers, p, q = out.shape
+    if out.numel() == 0:
+        return out
+    if p < q:  # the wider side as the dot's rows (wgmma takes 64 of them): out[i]^T = b^T a
+        segment_matmul(b, a, out.transpose(1, 2), rows, scaling)
+        return out
+    block_p, block_q = min(block(p), SEGMENT_PQ), min(block(q), SEGMENT_PQ)
+    args = (_given(a, out), _given(b, out), out, out if scaling is None else scaling, _given(rows.order, rows.starts),
+            rows.starts, p, q, *a.stride(), *b.stride(), *out.stride())
+    constexprs = dict(HAS_SCALING=scaling is not None, DOT_DTYPE=dot_dtype(a, b), PRECISION=precision(),
+                      BLOCK_M=SEGMENT_M, BLOCK_P=block_p, BLOCK_Q=block_q)
+    grid = (layers, triton.cdiv(p, block_p), triton.cdiv(q, block_q))
+    triton_utils.launch(lors_segment_matmul_kernel, grid, args, constexprs, 4, 2)
+    return out
+
+
+def lors_linear_indexed_forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None,
+                                scaling: Tensor, index: Tensor, ranks: Tensor | None) -> Tensor:
+    """x [M, K], index [M] -> [M, N]: the shrink T = x down_i^T, then one GEMM over the shared weight
+    with each layer's T up_i^T added to its rows."""
+    rows = sort_rows(index, down.shape[0])
+    t = indexed_shrink(x, down, rows, ranks)
+    y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
+    return indexed_matmul(x, weight.t(), y, t, up.transpose(1, 2), scaling, rows, ranks, bias)
+
+
+def lors_linear_indexed_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, up: Tensor,
+                                 bias: Tensor | None, scaling: Tensor, index: Tensor, ranks: Tensor | None,
+                                 needs_x: bool) -> tuple:
+    """grad [M, N], x [M, K], index [M] -> (dx or None, dweight, ddown, dup, dbias or None, dscaling).
+
+      T = x down_i^T, G = grad up_i                 two shrinks (G: up read as [L, R, N])
+      dx = grad W + s_i G down_i                    the forward's kernel, down read as [L, R, K]
+      dW = grad^T x                                 lors_matmul
+      dup_i = s_i grad_i^T T_i, ddown_i = s_i G_i^T x_i, dbias_i = 1^T grad_i, dscaling_i = 1^T (G * T)_i
+                                                    segment sums over each layer's rows
+    """
+    m, k = x.shape
+    layers, n = up.shape[0], weight.shape[0]
+    rows = sort_rows(index, layers)
+    t = indexed_shrink(x, down, rows, ranks)
+    g = indexed_shrink(grad, up.transpose(1, 2), rows, ranks)
+    dx = None
+    if needs_x:
+        dx = indexed_matmul(grad, weight, torch.empty_like(x, memory_format=torch.contiguous_format), g, down,
+                            scaling, rows, ranks)
+    dweight = torch.empty((n, k), device=x.device, dtype=x.dtype)
+    if k:
+        lors_matmul(grad.t(), x, dweight)
+    else:
+        dweight.zero_()
+    dup = segment_matmul(grad, t, torch.empty_like(up, memory_format=torch.contiguous_format), rows, scaling)
+    ddown = segment_matmul(g, x, torch.empty_like(down, memory_format=torch.contiguous_format), rows, scaling)
+    ones = t.new_ones(1, 1).expand(m, 1)
+    products = (g * t).sum(1, keepdim=True)
+    dscaling = segment_matmul(ones, products, scaling.new_empty(layers, 1, 1), rows).view(layers)
+    dbias = None
+    if bias is not None:
+        dbias = grad.sum(0) if bias.dim() == 1 else segment_matmul(ones, grad, bias.new_empty(layers, 1, n), rows)
+        dbias = dbias.view(bias.shape)
+    return dx, dweight, ddown, dup, dbias, dscaling

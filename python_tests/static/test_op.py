@@ -8,7 +8,7 @@ from helpers import KERNEL_DEVICE, assert_close
 
 import lors_kernels as lk
 
-from .oracle import grads64, make_inputs
+from .oracle import grads64, indexed64, indexed_grads64, make_indexed_inputs, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -115,3 +115,174 @@ def test_env_override_selects_the_route(monkeypatch):
     assert lors_linear_op.route(*args).backend == ("native" if backend.native() is not None else "reference")
     big = (*make_inputs(64, 8, 6, 2, torch.float32), 1.0)  # the native CPU kernel wins only small batches
     assert lors_linear_op.route(*big).backend == "reference"
+
+
+# ------------------------------------------------------------------------------------------ indexed
+# lors_linear(..., index=): rows at different layers of one stack.
+
+ROUTES = ["reference", "native", "triton"]
+
+
+def indexed_call(inputs, ranks=None):
+    x, weight, down, up, bias, scaling, index = inputs
+    return lk.lors_linear(x, weight, down, up, bias, scaling=scaling, index=index, ranks=ranks)
+
+
+def check_indexed(inputs, ranks=None, dtype=torch.float32):
+    """Forward and every gradient (x, weight, down, up, scaling, bias) against the float64 oracle."""
+    leaves = [t.requires_grad_() for t in inputs[:6] if t is not None]
+    y = indexed_call(inputs, ranks)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(2)).to(y)
+    y.backward(grad)
+    y64, expected = indexed_grads64(*inputs, ranks, grad)
+    assert_close(y, y64, dtype, "y")
+    x, weight, down, up, bias, scaling, _ = inputs
+    got = [x.grad, weight.grad, down.grad, up.grad, scaling.grad] + ([bias.grad] if bias is not None else [])
+    for name, g, e in zip(["dx", "dweight", "ddown", "dup", "dscaling", "dbias"], got, expected):
+        assert_close(g, e.to(g.dtype) if name == "dscaling" else e, g.dtype, name)
+    assert leaves
+
+
+def test_indexed_gradcheck_float64(use_backend):
+    use_backend("reference")
+    x, weight, down, up, bias, scaling, index = make_indexed_inputs(5, 6, 4, 3, 2, torch.float64, lead=(2,))
+    inputs = [t.requires_grad_() for t in (x, weight, down, up, bias, scaling.double())]
+
+    def run(x, weight, down, up, bias, scaling):
+        return lk.lors_linear(x, weight, down, up, bias, scaling=scaling, index=index, ranks=[2, 1, 0])
+
+    assert torch.autograd.gradcheck(run, inputs)
+
+
+INDEXED_SIZES = {
+    # name: (rows, in, out, layers, rank, how the rows are spread)
+    "mixed": (13, 24, 20, 4, 5, "mixed"),
+    "one_layer": (6, 24, 20, 1, 5, "mixed"),
+    "all_at_layer_2": (9, 24, 20, 4, 5, 2),
+    "all_shared_only": (7, 24, 20, 3, 5, -1),
+    "no_rows": (0, 24, 20, 3, 5, "mixed"),
+    "rank0": (8, 24, 20, 3, 0, "mixed"),
+    "in0": (8, 0, 20, 3, 5, "mixed"),
+    "out0": (8, 24, 0, 3, 5, "mixed"),
+}
+
+
+@pytest.mark.parametrize("bias", [None, "shared", "layer"], ids=lambda b: f"bias_{b}")
+@pytest.mark.parametrize("case", list(INDEXED_SIZES))
+@pytest.mark.parametrize("route", ROUTES)
+def test_indexed_every_route_and_size(route, case, bias, use_backend):
+    use_backend(route)
+    m, k, n, layers, r, spread = INDEXED_SIZES[case]
+    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    inputs = list(make_indexed_inputs(m, k, n, layers, r, torch.float32, device, bias=bias))
+    if spread != "mixed":
+        inputs[6] = torch.full_like(inputs[6], spread)
+    check_indexed(inputs)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_indexed_ranks_cost_their_own_columns(route, use_backend):
+    """Layer i reads down[i, :ranks[i]] and up[i, :, :ranks[i]] only: NaN stored beyond stays out."""
+    use_backend(route)
+    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    inputs = list(make_indexed_inputs(17, 24, 20, 4, 6, torch.float32, device))
+    ranks = [6, 0, 2, 5]
+    with torch.no_grad():
+        for i, r in enumerate(ranks):
+            inputs[2][i, r:] = float("nan")
+            inputs[3][i, :, r:] = float("nan")
+    check_indexed(inputs, ranks)
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_indexed_layers_are_isolated(route, use_backend):
+    """An inf in one layer's pair reaches that layer's rows only, as in the written-out math."""
+    use_backend(route)
+    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    x, weight, down, up, bias, scaling, index = make_indexed_inputs(16, 24, 20, 4, 4, torch.float32, device)
+    up[1, 3, 0] = float("inf")
+    y = lk.lors_linear(x, weight, down, up, bias, scaling=scaling, index=index)
+    assert torch.isfinite(y[index != 1]).all()
+    assert not torch.isfinite(y[index == 1]).all()
+
+
+@pytest.mark.parametrize("route", ROUTES)
+def test_indexed_leading_dims_broadcast_index_and_strides(route, use_backend):
+    """x [B, T, in] with one layer per sample (index [B, 1]), every operand a strided view."""
+    use_backend(route)
+    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    x, weight, down, up, bias, scaling, _ = make_indexed_inputs(5, 24, 20, 3, 4, torch.float32, device, lead=(4,))
+    per_sample = torch.tensor([[2], [-1], [0], [2]], device=device)
+    views = (
+        x.transpose(0, 1).contiguous().transpose(0, 1),
+        weight.t().contiguous().t(),
+        down.transpose(1, 2).contiguous().transpose(1, 2),
+        up[:, :, :],
+        bias[:, ::1],
+    )
+    inputs = [*views, scaling, per_sample.expand(4, 5)]
+    y = lk.lors_linear(*views, scaling=scaling, index=per_sample)
+    assert y.shape == (4, 5, 20)
+    assert_close(y, indexed64(*inputs), torch.float32, "y")
+    check_indexed(inputs)
+
+
+def test_indexed_scaling_as_a_number_and_ranks_as_a_list():
+    x, weight, down, up, bias, _, index = make_indexed_inputs(9, 16, 12, 3, 4, torch.float32)
+    y = lk.lors_linear(x, weight, down, up, bias, scaling=0.5, index=index, ranks=[4, 2, 3])
+    expected = indexed64(x, weight, down, up, bias, torch.full((3,), 0.5), index, [4, 2, 3])
+    assert_close(y, expected, torch.float32, "y")
+
+
+@pytest.mark.parametrize("route", ["reference", "triton"])
+def test_indexed_opcheck(route, use_backend):
+    use_backend(route)
+    x, weight, down, up, bias, scaling, index = make_indexed_inputs(7, 12, 10, 3, 3, torch.float32, KERNEL_DEVICE)
+    ranks = torch.tensor([3, 1, 0], device=KERNEL_DEVICE)
+    for args in ((x, weight, down, up, bias, scaling, index, ranks), (x, weight, down, up, None, scaling, index, None)):
+        args = [a.requires_grad_() if a is not None and a.is_floating_point() else a for a in args]
+        torch.library.opcheck(torch.ops.lors.lors_linear_indexed.default, args)
+
+
+def test_indexed_compile_fullgraph():
+    x, weight, down, up, bias, scaling, index = make_indexed_inputs(8, 16, 12, 3, 4, torch.float32)
+    leaves = [t.requires_grad_() for t in (weight, down, up, bias)]
+
+    def run(x, index):
+        return torch.relu(lk.lors_linear(x, weight, down, up, bias, scaling=0.5, index=index)).sum()
+
+    compiled = torch.compile(run, fullgraph=True)(x, index)
+    grads = torch.autograd.grad(compiled, leaves)
+    eager = run(x, index)
+    assert_close(compiled, eager.double(), torch.float32, "compiled")
+    for got, want in zip(grads, torch.autograd.grad(eager, leaves)):
+        assert_close(got, want.double(), torch.float32, "compiled gradient")
+
+
+BAD_INDEXED = {
+    "index_out_of_range": (
+        lambda a: {**a, "index": a["index"] + 3},
+        IndexError,
+        r"index entries must be -1 .* \[0, 3\)",
+    ),
+    "index_float": (lambda a: {**a, "index": a["index"].float()}, ValueError, "index must be an int32 or int64"),
+    "index_rows": (lambda a: {**a, "index": a["index"][:-1]}, ValueError, "index .* must be x's leading shape"),
+    "down_2d": (lambda a: {**a, "down": a["down"][0]}, ValueError, r"down .* must be \[layers, rank, in\]"),
+    "up_layers": (lambda a: {**a, "up": a["up"][:-1]}, ValueError, r"up .* must be \[layers, out, rank\]"),
+    "bias_layers": (lambda a: {**a, "bias": a["bias"][:-1]}, ValueError, r"bias .* must be \[out\]"),
+    "scaling_length": (lambda a: {**a, "scaling": a["scaling"][:-1]}, ValueError, r"scaling must be .* \[layers\]"),
+    "ranks_above_r": (lambda a: {**a, "ranks": [4, 5, 1]}, IndexError, r"ranks must be in \[0, 4\]"),
+    "ranks_length": (lambda a: {**a, "ranks": [4, 1]}, ValueError, "ranks must be int32 or int64"),
+    "ranks_without_index": (lambda a: {**a, "index": None, "ranks": [1, 1, 1]}, ValueError, "ranks is per layer"),
+    "dtype_mix": (lambda a: {**a, "up": a["up"].double()}, TypeError, "one dtype"),
+    "index_not_tensor": (lambda a: {**a, "index": [0, 1]}, TypeError, "index must be a Tensor"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INDEXED))
+def test_indexed_bad_inputs_raise_clear_errors(case):
+    make, error, message = BAD_INDEXED[case]
+    x, weight, down, up, bias, scaling, index = make_indexed_inputs(6, 8, 5, 3, 4, torch.float32)
+    args = make(dict(x=x, weight=weight, down=down, up=up, bias=bias, scaling=scaling, index=index, ranks=None))
+    with pytest.raises(error, match=message):
+        lk.lors_linear(args.pop("x"), args.pop("weight"), args.pop("down"), args.pop("up"), **args)

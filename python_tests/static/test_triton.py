@@ -7,7 +7,7 @@ from helpers import CUDA, KERNEL_DEVICE, KERNEL_DTYPES, assert_close, dtype_id
 
 import lors_kernels as lk
 
-from .oracle import dense64, grads64, make_inputs
+from .oracle import dense64, grads64, indexed_grads64, make_indexed_inputs, make_inputs
 
 pytestmark = pytest.mark.filterwarnings("ignore::RuntimeWarning")
 
@@ -142,6 +142,58 @@ def test_triton_fp32_respects_matmul_precision(use_backend):
         torch.set_float32_matmul_precision(previous)
 
 
+# ------------------------------------------------------------------------------------------ indexed
+
+
+@pytest.mark.parametrize("bias", [None, "shared", "layer"], ids=lambda b: f"bias_{b}")
+@pytest.mark.parametrize("m,layers,r", [(3, 8, 4), (40, 5, 20), (70, 2, 80), (300, 9, 16)], ids=lambda v: str(v))
+@pytest.mark.parametrize("dtype", KERNEL_DTYPES, ids=dtype_id)
+def test_triton_indexed_forward_backward(dtype, m, layers, r, bias, use_backend):
+    """Tiles holding many layers or one, ranks over several R blocks (80), several row tiles (300)."""
+    use_backend("triton")
+    k, n = (37, 29) if not CUDA else (200, 136)
+    x, weight, down, up, b, scaling, index = make_indexed_inputs(m, k, n, layers, r, dtype, KERNEL_DEVICE, bias=bias)
+    ranks = (torch.arange(layers, device=KERNEL_DEVICE) * 7) % (r + 1)
+    leaves = [t.requires_grad_() for t in (x, weight, down, up, scaling) + ((b,) if b is not None else ())]
+    y = lk.lors_linear(x, weight, down, up, b, scaling=scaling, index=index, ranks=ranks)
+    grad = torch.randn(y.shape, generator=torch.Generator().manual_seed(1)).to(y)
+    y.backward(grad)
+    y64, expected = indexed_grads64(x, weight, down, up, b, scaling, index, ranks.cpu(), grad)
+    assert_close(y, y64, dtype, "y")
+    for name, leaf, e in zip(["dx", "dweight", "ddown", "dup", "dscaling", "dbias"], leaves, expected):
+        assert_close(leaf.grad, e.to(leaf.grad.dtype) if name == "dscaling" else e, leaf.grad.dtype, name)
+
+
+def test_triton_indexed_is_bitwise_repeatable_and_reads_the_weight_once(use_backend):
+    """No atomics: two runs agree bit for bit. The forward is two launches (the shrink, then one GEMM over
+    the shared weight for all rows), whatever the number of layers."""
+    from lors_kernels.static import triton as kernels
+
+    use_backend("triton")
+    x, weight, down, up, b, scaling, index = make_indexed_inputs(32, 64, 48, 8, 16, torch.float32, KERNEL_DEVICE)
+    leaves = [t.requires_grad_() for t in (x, weight, down, up, b, scaling)]
+    launches = []
+    original = kernels.triton_utils.launch
+
+    def launch(kernel, *args, **kwargs):
+        launches.append(kernel.fn.__name__ if hasattr(kernel, "fn") else kernel.__name__)
+        return original(kernel, *args, **kwargs)
+
+    runs = []
+    kernels.triton_utils.launch = launch
+    try:
+        for _ in range(2):
+            launches.clear()
+            y = lk.lors_linear(x, weight, down, up, b, scaling=scaling, index=index)
+            forward = list(launches)
+            runs.append([y, *torch.autograd.grad(y.square().sum(), leaves)])
+    finally:
+        kernels.triton_utils.launch = original
+    assert forward == ["lors_indexed_shrink_kernel", "lors_indexed_matmul_kernel"]
+    for first, second in zip(*runs):
+        assert torch.equal(first, second)
+
+
 # ------------------------------------------------------------------------------ ahead-of-time compiling
 
 
@@ -164,6 +216,17 @@ def aot_cases():
                     for needs_x in (True, False):
                         grad = torch.empty(m, n, device="meta", dtype=dtype)
                         kernels.lors_linear_backward(grad, x, weight, down, up, 0.5, b is not None, needs_x)
+        # Rows at different layers: the shrink, the GEMM and the segment sums, per bias kind and ranks.
+        for m in (1, 64, 4096):
+            for bias_kind in (None, "shared", "layer"):
+                x, weight, down, up, b, scaling, index = make_indexed_inputs(
+                    m, 512, 256, 8, 16, dtype, "meta", bias_kind
+                )
+                for ranks in (None, torch.empty(8, device="meta", dtype=torch.int64)):
+                    index = torch.empty(m, device="meta", dtype=torch.int64)
+                    kernels.lors_linear_indexed_forward(x, weight, down, up, b, scaling, index, ranks)
+                    grad = torch.empty(m, 256, device="meta", dtype=dtype)
+                    kernels.lors_linear_indexed_backward(grad, x, weight, down, up, b, scaling, index, ranks, True)
 
 
 def test_aot_compiles_for_sm80_and_sm90():
@@ -176,10 +239,11 @@ def test_aot_compiles_for_sm80_and_sm90():
     for entry in report:
         assert entry["shared"] <= SHARED_LIMIT[entry["capability"]], entry
     # Hopper, 16-bit: no launch spills registers, and every tile of 64 rows or more runs on wgmma (decode
-    # tiles of 16 rows are below wgmma's 64 and take mma.sync: they are bound by reading W). fp32 dots
+    # tiles of 16 rows are below wgmma's 64 and take mma.sync: they are bound by reading W; so are the
+    # segment sums of two sides of at most 16, the per-layer scaling gradient). fp32 dots
     # run on the FMA units (IEEE) or tf32 mma.sync and spill 8-60 bytes in about ten configurations,
     # depending on the Triton version.
     hopper = [e for e in report if e["capability"] == 90 and "DOT_DTYPE=fp32" not in e["launch"]]
     assert hopper and not [e["launch"] for e in hopper if e["spills"]]
-    wide = [e for e in hopper if "BLOCK_M=16," not in e["launch"]]
+    wide = [e for e in hopper if "BLOCK_M=16," not in e["launch"] and "BLOCK_P=16," not in e["launch"]]
     assert wide and all(e["wgmma"] for e in wide), [e["launch"] for e in wide if not e["wgmma"]]
