@@ -30,6 +30,7 @@ _API = {
     "SharedWeight": "static",
     "lors_linear": "static",
     "make_lors_stack": "static",
+    "stack_linear": "static",
 }
 __all__ = sorted(_API)
 

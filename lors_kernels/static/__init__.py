@@ -3,7 +3,7 @@
 import sys
 
 from . import module
-from .module import LorsLinear, make_lors_stack, shared_stacks
+from .module import LorsLinear, make_lors_stack, shared_stacks, stack_linear
 from .op import lors_linear
 from .shared_weight import SharedWeight
 
@@ -11,4 +11,4 @@ from .shared_weight import SharedWeight
 # defined them then, lors_kernels.lors_linear.module: it is this one.
 sys.modules.setdefault("lors_kernels.lors_linear.module", module)
 
-__all__ = ["LorsLinear", "SharedWeight", "lors_linear", "make_lors_stack", "shared_stacks"]
+__all__ = ["LorsLinear", "SharedWeight", "lors_linear", "make_lors_stack", "shared_stacks", "stack_linear"]

@@ -401,6 +401,57 @@ def make_lors_stack(
     )
 
 
+def stack_linear(layers: Sequence[LorsLinear], x: Tensor, index: Tensor) -> Tensor:
+    """Each row of ``x`` through its own layer of a stack: row m through ``layers[index[m]]``, or the shared
+    weight alone (no bias) where index[m] is -1, in one ``lors_linear(..., index=)`` call that reads the
+    shared weight once for all rows. Same result and gradients as running each row through its layer.
+
+    layers: LorsLinear layers sharing one SharedWeight (a ``make_lors_stack`` result, or a converted
+    stack); ranks, biases and scalings may differ. index: ints of x's leading shape (or broadcast to
+    it). The pairs are stacked on each call (gradients reach every layer's parameters); layers of
+    different ranks or scalings pass them to the device from the host, which CUDA-graph capture refuses
+    (``lors_linear(..., index=)`` with device tensors captures). A layer with
+    dropout in training mode runs its rows itself, as ``layer(x)`` would, since the fused call has no
+    dropout."""
+    layers = list(layers)
+    if not layers or not all(isinstance(layer, LorsLinear) for layer in layers):
+        raise TypeError("stack_linear: layers must be a non-empty sequence of LorsLinear layers")
+    shared = layers[0].shared
+    for i, layer in enumerate(layers):
+        if layer.shared is not shared:
+            raise ValueError(f"stack_linear: layers[{i}] does not use layers[0]'s SharedWeight; a stack shares one")
+        if layer.merged:
+            raise ValueError(f"stack_linear: layers[{i}] is merged (its shared weight holds its pair): unmerge() it")
+    if any(layer.dropout and layer.training for layer in layers):
+        return _each_row_through_its_layer(layers, x, index)
+    ranks = [layer.down.shape[0] for layer in layers]
+    width = max(ranks)
+    down = torch.stack([F.pad(layer.down, (0, 0, 0, width - r)) for layer, r in zip(layers, ranks)])
+    up = torch.stack([F.pad(layer.up, (0, width - r)) for layer, r in zip(layers, ranks)])
+    bias = None
+    if any(layer.bias is not None for layer in layers):
+        bias = torch.stack([layer.bias if layer.bias is not None else up.new_zeros(up.shape[1]) for layer in layers])
+    scalings = [layer.scaling for layer in layers]
+    # One number where the layers agree: no host-to-device copy (which CUDA-graph capture refuses).
+    scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=x.device)
+    return lors_linear(
+        x, shared.weight, down, up, bias, scaling=scaling, index=index, ranks=None if min(ranks) == width else ranks
+    )
+
+
+def _each_row_through_its_layer(layers: list[LorsLinear], x: Tensor, index: Tensor) -> Tensor:
+    index = index.expand(x.shape[:-1])
+    if index.numel() and not -1 <= index.min() <= index.max() < len(layers):
+        raise IndexError(f"stack_linear: index entries must be -1 (the shared weight alone) or in [0, {len(layers)})")
+    y = x.new_zeros(*x.shape[:-1], layers[0].out_features)
+    shared = (index == -1).nonzero(as_tuple=True)
+    y = y.index_put(shared, F.linear(x[shared], layers[0].shared.weight))
+    for i, layer in enumerate(layers):
+        rows = (index == i).nonzero(as_tuple=True)
+        y = y.index_put(rows, layer(x[rows]))
+    return y
+
+
 def shared_stacks(module: nn.Module) -> list[tuple[SharedWeight, list[tuple[str, LorsLinear]]]]:
     """The LORS^T stacks inside ``module``: its LorsLinear layers, named, grouped by the SharedWeight
     they use, in module order (conversion, parameter accounting and sharding all start here)."""

@@ -278,3 +278,67 @@ def test_forward_reaches_the_native_launcher_in_five_frames():
         finally:
             sys.setprofile(None)
     assert stacks == [["forward", "function", "__call__", "_run", "_native_cpu_forward"]]
+
+
+# ------------------------------------------------------------------------------------------ stack_linear
+
+
+def mixed_stack(seed=0):
+    """Three layers of one stack with ranks 4, 2, 6 (groups 1, 1, 2), random pairs and biases."""
+    torch.manual_seed(seed)
+    stack = lk.make_lors_stack(3, 24, 16, rank=[4, 2, 3], groups=[1, 1, 2], scaling=0.5)
+    random_pairs(stack, seed)
+    with torch.no_grad():
+        for i, layer in enumerate(stack):
+            layer.bias.normal_()
+            layer.scaling = 0.5 + i
+    return stack
+
+
+@pytest.mark.parametrize("route", ["reference", "native", "triton"])
+def test_stack_linear_is_each_row_through_its_layer(route, use_backend):
+    use_backend(route)
+    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    stack = mixed_stack().to(device)
+    x = torch.randn(2, 7, 24, device=device, requires_grad=True)
+    index = torch.tensor([[2, -1, 0, 1, 1, 2, 0], [0, 0, -1, 2, 1, 2, 2]], device=device)
+    y = lk.stack_linear(stack, x, index)
+    grad = torch.randn(y.shape, device=device)
+    got = torch.autograd.grad(y, [x, *stack.parameters()], grad)
+    rows = [
+        stack[i](x[b, t]) if i >= 0 else F.linear(x[b, t], stack[0].shared.weight)
+        for (b, t), i in zip(((b, t) for b in range(2) for t in range(7)), index.flatten().tolist())
+    ]
+    expected = torch.stack(rows).view(2, 7, 16)
+    want = torch.autograd.grad(expected, [x, *stack.parameters()], grad)
+    assert_close(y, expected.double(), torch.float32, "y")
+    for name, g, w in zip(["dx", *dict(stack.named_parameters())], got, want):
+        assert_close(g, w.double(), torch.float32, name)
+
+
+def test_stack_linear_one_layer_per_sample_and_dropout_in_training():
+    """index [B, 1] picks one layer per sample; a layer with dropout in training runs its rows itself."""
+    stack = mixed_stack()
+    x = torch.randn(3, 5, 24)
+    index = torch.tensor([[1], [-1], [0]])
+    expected = torch.stack([stack[1](x[0]), F.linear(x[1], stack[0].shared.weight), stack[0](x[2])])
+    assert_close(lk.stack_linear(stack, x, index), expected.double(), torch.float32, "per sample")
+    stack[2].dropout = 0.5
+    stack.train()
+    full = torch.tensor([[2] * 5, [0] * 5, [2] * 5])
+    torch.manual_seed(3)
+    y = lk.stack_linear(stack, x, full)
+    torch.manual_seed(3)
+    rows = stack[2](x[[0, 2]])
+    assert_close(y[[0, 2]], rows.double(), torch.float32, "dropout rows")
+    assert_close(y[1], stack[0](x[1]).double(), torch.float32, "other rows")
+    with pytest.raises(IndexError, match=r"index entries must be -1 .* \[0, 3\)"):
+        lk.stack_linear(stack, x, full + 1)
+
+
+def test_stack_linear_refuses_layers_of_different_stacks():
+    a, b = lk.make_lors_stack(2, 8, 8), lk.make_lors_stack(1, 8, 8)
+    with pytest.raises(ValueError, match=r"layers\[2\] does not use layers\[0\]'s SharedWeight"):
+        lk.stack_linear([*a, b[0]], torch.randn(2, 8), torch.tensor([0, 2]))
+    with pytest.raises(TypeError, match="sequence of LorsLinear"):
+        lk.stack_linear([torch.nn.Linear(8, 8)], torch.randn(2, 8), torch.tensor([0, 0]))
