@@ -4,6 +4,10 @@
   ``all_linear(model)`` names what ``target_modules="all-linear"`` would, LORS layers included.
 - ``load_lora(model, state_dict, config)``: a PEFT LoRA adapter checkpoint applied without PEFT, each
   adapted nn.Linear becoming a LorsLinear (one fused kernel for base + adapter).
+- ``fuse_mixed_batches(model)``: PEFT's mixed-adapter batches (``model(x, adapter_names=[...])``) run as one
+  ``lors_linear(..., index=)`` call per LoRA layer.
+- ``lors_from_peft(peft_model)``: a PEFT LoRA model unloaded into LorsLinear layers, one stack per base weight
+  its layers share (``LoraConfig(layer_replication=...)``).
 - ``from_pretrained(model_class, directory)``: a converted Hugging Face model back from ``save_pretrained``
   (``lorsify`` records the stacks in ``config.lors``).
 - ``save_model`` / ``load_model``: safetensors files of any module, the stacks in the file's metadata.
@@ -18,6 +22,7 @@ import json
 import math
 import os
 import re
+import sys
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -26,9 +31,19 @@ from torch import Tensor, nn
 
 from . import hf
 from .convert import lors_structure, replace_modules, restore_lors
-from .static import LorsLinear
+from .static import LorsLinear, lors_linear
 
-__all__ = ["all_linear", "from_pretrained", "load_lora", "load_model", "lora_scaling", "register_peft", "save_model"]
+__all__ = [
+    "all_linear",
+    "from_pretrained",
+    "fuse_mixed_batches",
+    "load_lora",
+    "load_model",
+    "lora_scaling",
+    "lors_from_peft",
+    "register_peft",
+    "save_model",
+]
 
 
 def lora_scaling(lora_alpha: float, r: int, use_rslora: bool = False) -> float:
@@ -111,6 +126,171 @@ def _lora_over_lors() -> type:
                             base.bias -= self.lora_B[name].bias * self.scaling[name]
 
     return LoraOverLors
+
+
+def fuse_mixed_batches(model: nn.Module) -> list[str]:
+    """Make PEFT's mixed-adapter batches (``peft_model(x, adapter_names=[...])``, one adapter name per sample,
+    ``"__base__"`` for none) run as ONE ``lors_linear(..., index=)`` call per LoRA layer, where PEFT runs the
+    base layer and then each adapter of the batch on its rows. In place, on every plain PEFT LoRA
+    ``Linear`` of ``model`` (over an nn.Linear, or a transformers Conv1D: PEFT's fan_in_fan_out); layers
+    added later need another call. Returns the names of the fused layers.
+
+    Per call, the adapters of the batch that the layer has are stacked (down = lora_A, up = lora_B, lower
+    ranks zero-padded to the largest and passed as ``ranks``; PEFT's scaling per adapter); rows of
+    ``"__base__"`` or of an adapter the layer lacks get the base layer alone, as in PEFT. The base bias
+    and each adapter's lora_B bias times its scaling (lora_bias) become one bias per adapter. The stack is
+    rebuilt on every call, so it follows the parameters as they train and gradients reach each adapter's
+    lora_A / lora_B (and biases). Adapters kept in another dtype than the base (PEFT keeps those of a
+    float16 / bfloat16 model in float32: autocast_adapter_dtype) are cast to the base's, the kernel taking
+    one dtype: the result is PEFT's up to that dtype's rounding.
+
+    PEFT's own ``_mixed_batch_forward`` runs instead when the batch holds a LoRA variant adapter of the
+    layer (DoRA, aLoRA, MiCA, ...), when an adapter's lora_dropout is active (> 0 in training mode: only
+    direct layer calls, as PeftModel refuses ``adapter_names`` in training), when the layer is merged,
+    when the base layer has forward hooks (accelerate's offloading among them) or x another dtype than the
+    base weight or autocast is on, and when no adapter of the layer is in the batch. LoRA layers of other
+    kinds (Embedding, Conv, MultiheadAttention, quantized bases, LoRA over a LorsLinear) are left as PEFT's.
+    """
+    from peft.tuners.lora.layer import Linear
+
+    fused = _fused_mixed_lora()
+    names = []
+    for name, module in model.named_modules():
+        if type(module) is Linear and _linear_weight(module.get_base_layer()) is not None:
+            module.__class__ = fused
+        if type(module) is fused:
+            names.append(name)
+    return names
+
+
+def _linear_weight(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
+    """The weight [out, in] and the bias that ``base``'s forward applies when that forward is nn.Linear's or
+    transformers' Conv1D's (weight stored [in, out], PEFT's fan_in_fan_out); None for other layers."""
+    if type(base).forward is nn.Linear.forward:
+        return base.weight, base.bias
+    utils = sys.modules.get("transformers.pytorch_utils")  # no Conv1D exists unless transformers was loaded
+    if utils is not None and type(base).forward is utils.Conv1D.forward:
+        return base.weight.t(), base.bias
+    return None
+
+
+@functools.cache
+def _fused_mixed_lora() -> type:
+    """PEFT's LoRA Linear whose mixed-adapter batches run as one indexed lors_linear call (fuse_mixed_batches)."""
+    import torch
+    import torch.nn.functional as F
+    from peft.tuners.lora.layer import Linear
+
+    class FusedMixedLora(Linear):
+        def _mixed_batch_forward(self, x: Tensor, *args: Any, adapter_names: list[str], **kwargs: Any) -> Tensor:
+            base = self.get_base_layer()
+            weight, bias = _linear_weight(base)
+            names = [n for n in dict.fromkeys(adapter_names) if n in self.lora_A]  # the batch's, once each
+            if (
+                not names
+                or self.merged
+                or base._forward_hooks
+                or base._forward_pre_hooks
+                or x.dtype != weight.dtype
+                or torch.is_autocast_enabled(x.device.type)
+                or any(
+                    n in self.lora_variant or (self.lora_dropout[n].training and getattr(self.lora_dropout[n], "p", 0))
+                    for n in names
+                )
+            ):
+                return super()._mixed_batch_forward(x, *args, adapter_names=adapter_names, **kwargs)
+            layer_of = {n: i for i, n in enumerate(names)}
+            index = [layer_of.get(n, -1) for n in adapter_names]
+            downs = [self.lora_A[n].weight for n in names]
+            ups = [self.lora_B[n].weight for n in names]
+            scalings = [self.scaling[n] for n in names]
+            lora_biases = [self.lora_B[n].bias for n in names]
+            if any(b is not None for b in lora_biases):
+                # The op takes one bias, [out] for every row or [L, out] for the rows of each layer (none at -1):
+                # the base bias joins each adapter's, and rows without an adapter take a pair of rank 0 holding
+                # the base bias alone.
+                own = weight.new_zeros(weight.shape[0]) if bias is None else bias
+                rows = [own if b is None else own + b.to(weight.dtype) * s for b, s in zip(lora_biases, scalings)]
+                if -1 in index:
+                    index = [len(names) if i < 0 else i for i in index]
+                    downs.append(weight.new_zeros(0, weight.shape[1]))
+                    ups.append(weight.new_zeros(weight.shape[0], 0))
+                    scalings.append(0.0)
+                    rows.append(own)
+                bias = torch.stack(rows)
+            ranks = [d.shape[0] for d in downs]
+            r = max(ranks)
+            down = torch.stack([F.pad(d.to(weight.dtype), (0, 0, 0, r - d.shape[0])) for d in downs])
+            up = torch.stack([F.pad(u.to(weight.dtype), (0, r - u.shape[1])) for u in ups])
+            return lors_linear(
+                x,
+                weight,
+                down,
+                up,
+                bias,
+                scaling=torch.tensor(
+                    scalings, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
+                ),
+                index=torch.tensor(index, device=x.device).view(len(index), *[1] * (x.dim() - 2)),
+                ranks=ranks if min(ranks) < r else None,
+            )
+
+    return FusedMixedLora
+
+
+def lors_from_peft(peft_model: Any) -> nn.Module:
+    """The model under a PEFT LoRA model with each LoRA layer a LorsLinear (``LorsLinear.from_peft`` of the
+    active adapter), the layers over one base weight sharing one SharedWeight: a LORS stack. PEFT's
+    ``LoraConfig(layer_replication=[[0, 2], [1, 3]])`` repeats layers over the same base tensors, each copy
+    with its own adapter; here each repeated layer becomes a stack whose private pairs are those
+    adapters, computed by the fused kernels. A LoRA layer over a base weight of its own becomes a stack of
+    one. Base biases PEFT's copies share stay one tensor where the adapter has no lora_bias.
+
+    In place, as ``merge_and_unload``: the PeftModel is used up; what is returned holds no PEFT module
+    (``modules_to_save`` are PEFT's active copies, layers without the active adapter their base layers).
+    The outputs equal the PEFT model's. One adapter must be active (``set_adapter``); LoRA layers must be
+    plain LoRA over nn.Linear or transformers Conv1D layers (not merged, no variant such as DoRA).
+    """
+    from peft.tuners.lora import LoraModel
+    from peft.tuners.lora.layer import Linear
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper, ModulesToSaveWrapper
+
+    tuner = getattr(peft_model, "base_model", None)
+    if not isinstance(tuner, LoraModel):
+        raise TypeError(
+            f"lors_from_peft: peft_model must be a PEFT model of LoRA adapters, got {type(peft_model).__name__}"
+        )
+    if len(tuner.active_adapters) != 1:
+        raise ValueError(
+            f"lors_from_peft: one adapter must be active, {tuner.active_adapters} are: set_adapter(name) first"
+        )
+    (adapter,) = tuner.active_adapters
+    loras, other = [], []
+    for name, module in tuner.model.named_modules():
+        if isinstance(module, Linear) and _linear_weight(module.get_base_layer()) is not None:
+            loras.append(module)
+        elif isinstance(module, BaseTunerLayer) or (
+            isinstance(module, AuxiliaryTrainingWrapper) and not isinstance(module, ModulesToSaveWrapper)
+        ):
+            other.append(f"{name} ({type(module).__name__})")
+    if other:
+        raise ValueError(
+            "lors_from_peft: only LoRA layers over nn.Linear or Conv1D become LorsLinear; the model also has "
+            f"{other[:4]}, whose adapters would be lost"
+        )
+    new, stacks, biases = {}, {}, {}
+    for lora in loras:
+        if adapter not in lora.lora_A:
+            continue  # unload() puts its base layer back, which is what PEFT applies there
+        layer = LorsLinear.from_peft(lora, adapter)
+        base = lora.get_base_layer()
+        layer.shared = stacks.setdefault(id(base.weight), layer.shared)
+        if base.bias is not None and lora.lora_B[adapter].bias is None:
+            layer.bias = biases.setdefault(id(base.bias), layer.bias)
+        new[id(lora)] = layer
+    replace_modules(tuner.model, new)
+    return tuner.unload()
 
 
 _LORA_KEY = re.compile(

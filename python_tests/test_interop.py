@@ -8,7 +8,7 @@ import warnings
 
 import pytest
 import torch
-from helpers import TARGETS, Mlp, Stacked, peft_model, random_pairs, tiny_bert
+from helpers import TARGETS, Mlp, Stacked, peft_model, random_pairs, rel_err, tiny_bert
 from torch import nn
 
 import lors_kernels as lk
@@ -245,3 +245,250 @@ def test_load_lora_state_dict_equals_peft(variant):
         interop.load_lora(Mlp(), {**adapter, "base_model.model.head.weight": torch.zeros(3, 16)}, config)
     with pytest.raises(ValueError, match="only nn.Linear"):
         interop.load_lora(model, adapter, config)  # already LorsLinear
+
+
+# ----------------------------------------------------------------------- PEFT mixed-adapter batches
+
+
+def _indexed_calls(monkeypatch):
+    """The base weights (data_ptr) of the indexed lors_linear calls made from here on, in order."""
+    from lors_kernels.static.op import lors_linear_indexed_op
+
+    calls, route = [], lors_linear_indexed_op.route
+    monkeypatch.setattr(lors_linear_indexed_op, "route", lambda *args: calls.append(args[1].data_ptr()) or route(*args))
+    return calls
+
+
+def _tiny_gpt2():
+    pytest.importorskip("transformers")
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    torch.manual_seed(0)
+    return GPT2LMHeadModel(GPT2Config(vocab_size=64, n_positions=16, n_embd=32, n_layer=2, n_head=4, n_inner=48))
+
+
+def _three_adapters(model, targets, partial, **config):
+    """PEFT's model with adapters "one" (rank 2), "two" (rank 4, lora_bias) on ``targets`` and "three" (rank
+    3, rsLoRA) on ``partial`` only; lora_B and its biases random, every adapter trainable (PEFT trains the
+    first only). In eval mode: PEFT takes adapter_names only there."""
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=2, lora_alpha=3, target_modules=targets, **config), adapter_name="one")
+    peft.add_adapter("two", LoraConfig(r=4, lora_alpha=2, target_modules=targets, lora_bias=True, **config))
+    peft.add_adapter("three", LoraConfig(r=3, lora_alpha=5, use_rslora=True, target_modules=partial, **config))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if ".lora_" in name:
+                p.requires_grad_(True)
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    return peft.eval()
+
+
+def _mixed(model, x, names):
+    out = model(x, adapter_names=names)
+    return out if isinstance(out, torch.Tensor) else out.logits
+
+
+def _adapter_runs(model):
+    """A list that each forward of a LoRA layer's lora_A / lora_B module appends to."""
+    from peft.tuners.lora import Linear
+
+    runs = []
+    for layer in model.modules():
+        if isinstance(layer, Linear):
+            for linear in [*layer.lora_A.values(), *layer.lora_B.values()]:
+                linear.register_forward_hook(lambda *_: runs.append(1))
+    return runs
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed but the targeted layer")
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT on GPT-2
+@pytest.mark.parametrize("model", ["mlp", "gpt2"])
+def test_fused_mixed_batches_equal_peft_in_one_call_per_layer(model, monkeypatch):
+    """A mixed batch of three adapters, of ranks 2, 4 (lora_bias) and 3 (on one layer only), and "__base__":
+    each LoRA layer makes one indexed lors_linear call and no adapter module runs; the outputs and every
+    adapter's gradients are PEFT's. nn.Linear layers over rows [B, in] (the Mlp's fc2 has no bias), and
+    GPT-2's Conv1D layers (PEFT's fan_in_fan_out) over [B, T, in]."""
+    pytest.importorskip("peft")
+    from peft.tuners.lora import Linear
+
+    if model == "mlp":
+        peft, partial = _three_adapters(Mlp(), ["fc1", "fc2", "head"], ["fc2"]), "fc2"
+        x, names = torch.randn(6, 10), ["one", "__base__", "two", "three", "one", "two"]
+    else:
+        targets = ["c_attn", "c_fc"]
+        peft, partial = _three_adapters(_tiny_gpt2(), targets, ["h.1.mlp.c_fc"], fan_in_fan_out=True), "h.1.mlp.c_fc"
+        x, names = torch.randint(0, 64, (5, 7)), ["two", "three", "__base__", "one", "two"]
+    fused = copy.deepcopy(peft)
+    layers = {n: m.get_base_layer().weight.data_ptr() for n, m in fused.named_modules() if isinstance(m, Linear)}
+    assert sorted(interop.fuse_mixed_batches(fused)) == sorted(layers) and len(layers) in (3, 4)
+    assert interop.fuse_mixed_batches(fused) == list(layers)  # again: nothing new
+
+    def run(model):
+        out = _mixed(model, x, names)
+        (out * torch.linspace(-1, 1, out.numel()).view(out.shape)).sum().backward()
+        return out, {n: p.grad for n, p in model.named_parameters() if ".lora_" in n}
+
+    expected, expected_grads = run(peft)
+    calls, runs = _indexed_calls(monkeypatch), _adapter_runs(fused)
+    out, grads = run(fused)
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
+    assert sorted(calls) == sorted(layers.values()) and not runs
+    assert (
+        grads.keys() == expected_grads.keys()
+        and sum(g is not None for g in grads.values()) == 2 * 2 * len(layers) + len(layers) + 2
+    )  # lora_A, lora_B of "one" and "two" everywhere, lora_B.bias of "two", "three" once
+    for name, grad in grads.items():
+        if expected_grads[name] is None:
+            assert grad is None, name
+        else:
+            torch.testing.assert_close(grad, expected_grads[name], rtol=1e-5, atol=1e-5, msg=name)
+    calls.clear()  # only "three" and the base: the other layers run their base layer alone, as PEFT does
+    with torch.no_grad():
+        two = ["__base__", "three"]
+        torch.testing.assert_close(_mixed(fused, x[:2], two), _mixed(peft, x[:2], two))
+    assert calls == [v for n, v in layers.items() if n.endswith(partial)]
+
+
+@pytest.mark.filterwarnings("ignore:`lora_bias=True` was passed but the targeted layer")
+def test_fused_mixed_batches_fall_back_to_peft_where_they_cannot_fuse(monkeypatch):
+    """PEFT's own mixed-batch forward runs, with PEFT's outputs, on a layer with a LoRA variant adapter (MiCA)
+    in the batch, with lora_dropout active (a layer called in training mode), or whose base layer has
+    forward hooks; LoRA Embedding layers are not touched. Adapters in float32 over a bfloat16 model (PEFT's
+    autocast_adapter_dtype) fuse, cast to bfloat16."""
+    pytest.importorskip("peft")
+    from peft import LoraConfig, get_peft_model
+
+    class Embedded(nn.Module):
+        def __init__(self):
+            super().__init__()
+            torch.manual_seed(0)
+            self.embed, self.fc1, self.fc2 = nn.Embedding(12, 10), nn.Linear(10, 16), nn.Linear(16, 4)
+
+        def forward(self, ids):
+            return self.fc2(torch.relu(self.fc1(self.embed(ids))))
+
+    config = LoraConfig(r=2, target_modules=["embed", "fc1", "fc2"], lora_dropout=0.5)
+    peft = get_peft_model(Embedded(), config, adapter_name="plain")
+    peft.add_adapter("mica", LoraConfig(r=2, target_modules=["fc1"], init_lora_weights="mica"))
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, p in peft.named_parameters():
+            if "lora_B" in name or "lora_embedding_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    peft.eval()
+    fused = copy.deepcopy(peft)
+    assert interop.fuse_mixed_batches(fused) == ["base_model.model.fc1", "base_model.model.fc2"]
+    fc1, fc2 = fused.base_model.model.fc1, fused.base_model.model.fc2
+    ptr = {layer: layer.get_base_layer().weight.data_ptr() for layer in (fc1, fc2)}
+    ids, calls = torch.randint(0, 12, (4, 5)), _indexed_calls(monkeypatch)
+    variant, plain = ["plain", "mica", "__base__", "plain"], ["plain", "__base__", "plain", "__base__"]
+    for names, fused_layers in ((variant, [fc2]), (plain, [fc1, fc2])):  # fc1 has the variant: PEFT's loop
+        calls.clear()
+        torch.testing.assert_close(_mixed(fused, ids, names), _mixed(peft, ids, names), rtol=1e-5, atol=1e-5)
+        assert calls == [ptr[layer] for layer in fused_layers]
+
+    hooked = []  # a hook on the base layer (accelerate's offloading is one) must run: PEFT's loop
+    handle = fc2.get_base_layer().register_forward_pre_hook(lambda *_: hooked.append(1))
+    calls.clear()
+    torch.testing.assert_close(_mixed(fused, ids, plain), _mixed(peft, ids, plain), rtol=1e-5, atol=1e-5)
+    assert calls == [ptr[fc1]] and hooked == [1]
+    handle.remove()
+
+    x, theirs, outputs = torch.randn(4, 10), peft.base_model.model.fc1, []
+    for training in (True, False):  # lora_dropout is active in training only
+        calls.clear()
+        torch.manual_seed(3)
+        expected = theirs.train(training)(x, adapter_names=plain)
+        torch.manual_seed(3)
+        outputs.append(fc1.train(training)(x, adapter_names=plain))
+        torch.testing.assert_close(outputs[-1], expected, rtol=1e-5, atol=1e-5)
+        assert calls == ([] if training else [ptr[fc1]])
+    assert not torch.allclose(*outputs)  # the dropout dropped
+
+    peft16 = get_peft_model(Mlp().to(torch.bfloat16), LoraConfig(r=4, target_modules=["fc1", "fc2"])).eval()
+    assert peft16.base_model.model.fc1.lora_A["default"].weight.dtype == torch.float32
+    with torch.no_grad():
+        for name, p in peft16.named_parameters():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.3)
+    fused16 = copy.deepcopy(peft16)
+    interop.fuse_mixed_batches(fused16)
+    x, names = torch.randn(4, 10, dtype=torch.bfloat16), ["default", "__base__", "default", "default"]
+    calls.clear()
+    out = _mixed(fused16, x, names)
+    assert out.dtype == torch.bfloat16 and len(calls) == 2
+    assert rel_err(out, _mixed(peft16, x, names)) < 1e-2  # bfloat16's rounding
+
+
+# -------------------------------------------------------------------- PEFT layer replication -> stacks
+
+
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")  # PEFT on Llama
+def test_lors_from_peft_makes_replicated_layers_stacks():
+    """LoraConfig(layer_replication=[[0, 2], [1, 3]]) on a 4-layer Llama gives layers 0, 1, 1, 2 over shared
+    base tensors, each with its own LoRA; lors_from_peft makes each replicated projection a stack (one
+    SharedWeight, one private pair per copy): the outputs are PEFT's (modules_to_save included), with as
+    many parameters."""
+    pytest.importorskip("peft")
+    pytest.importorskip("transformers")
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+        attention_bias=True,  # biases on q, k, v, o: shared by the copies too
+    )
+    targets = ["q_proj", "v_proj", "down_proj"]
+    peft = peft_model(
+        LlamaForCausalLM(config),
+        target_modules=targets,
+        layer_replication=[[0, 2], [1, 3]],
+        rank_pattern={"v_proj": 2},
+        modules_to_save=["lm_head"],
+    ).eval()
+    with torch.no_grad():
+        peft.base_model.model.lm_head.modules_to_save["default"].weight.mul_(1.5)  # a trained copy
+    layers = peft.base_model.model.model.layers
+    assert (
+        len(layers) == 4
+        and layers[1].self_attn.q_proj.base_layer.weight is layers[2].self_attn.q_proj.base_layer.weight
+    )
+    ids = torch.randint(0, 64, (2, 6))
+    expected = peft(ids, use_cache=False).logits
+    # each shared tensor once, and the lm_head once: PEFT keeps the original beside the trained copy
+    count = sum(p.numel() for p in peft.parameters()) - peft.base_model.model.lm_head.original_module.weight.numel()
+    peft.add_adapter("other", LoraConfig(target_modules=targets))
+    peft.base_model.set_adapter(["default", "other"])
+    with pytest.raises(ValueError, match=r"one adapter must be active, \['default', 'other'\] are"):
+        interop.lors_from_peft(peft)
+    peft.base_model.set_adapter("default")
+    peft.delete_adapter("other")
+    with pytest.raises(TypeError, match="must be a PEFT model of LoRA adapters, got LlamaForCausalLM"):
+        interop.lors_from_peft(LlamaForCausalLM(config))
+    with pytest.raises(ValueError, match=r"has \['model.embed_tokens \(Embedding\)'\], whose adapters would be lost"):
+        interop.lors_from_peft(peft_model(LlamaForCausalLM(config), target_modules=["embed_tokens", "q_proj"]))
+
+    model = interop.lors_from_peft(peft)
+    assert isinstance(model, LlamaForCausalLM) and not any(isinstance(m, BaseTunerLayer) for m in model.modules())
+    torch.testing.assert_close(model(ids, use_cache=False).logits, expected, rtol=1e-5, atol=1e-5)
+    layers = model.model.layers
+    for name in ("self_attn.q_proj", "self_attn.v_proj", "mlp.down_proj"):
+        copies = [layer.get_submodule(name) for layer in layers]
+        assert all(isinstance(c, lk.LorsLinear) for c in copies)
+        assert copies[1].shared is copies[2].shared and len({id(c.shared) for c in copies}) == 3, name
+        assert copies[1].down is not copies[2].down and copies[1].rank == (2 if "v_proj" in name else 4)
+    assert layers[1].self_attn.q_proj.bias is layers[2].self_attn.q_proj.bias
+    assert layers[1].self_attn.k_proj.weight is layers[2].self_attn.k_proj.weight  # not adapted: PEFT's sharing
+    assert sum(p.numel() for p in model.parameters()) == lk.count_parameters(model) == count
+    assert len(lk.count_parameters(model).stacks) == 3 * 3
