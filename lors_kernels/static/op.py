@@ -343,13 +343,16 @@ lors_linear_indexed_op = define_op(
             fits=lambda c: c.x.dtype in backend.TRITON_DTYPES,
             takes="float32, float16, bfloat16",
         ),
+        # Against the reference (the dense GEMM, then a product per layer's segment) at in = out = 1024, 8
+        # layers of rank 16 on 2 cores: fp32 0.33-0.85x its time up to 512 rows; bf16 0.3-0.9x up to 64 rows,
+        # then slower (torch's bf16 GEMM uses AVX512-BF16, the kernel fp32 FMAs).
         Impl(
             "native",
             "cpu",
             _native_cpu_indexed_forward,
             _reference_indexed_backward,
             fits=lambda c: c.x.dtype in backend.NATIVE_CPU_DTYPES,
-            wins=lambda c: native_wins(_rows(c), c.weight.shape[0], c.weight.shape[1], c.x.dtype),
+            wins=lambda c: _rows(c) <= (512 if c.x.dtype == torch.float32 else 64),
             takes="float32, bfloat16",
         ),
         Impl("reference", None, reference.lors_linear_indexed, _reference_indexed_backward),
