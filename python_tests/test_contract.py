@@ -17,7 +17,7 @@ import torch
 from adaptive.oracle import loops64
 from helpers import CUDA, KERNEL_DEVICE, RTOL, dtype_id
 from hrca.oracle import dyadic_scores, exact_topk, masked_attention64, windows64
-from static.oracle import dense64
+from static.oracle import dense64, indexed64
 
 import lors_kernels as lk
 from lors_kernels import backend
@@ -129,6 +129,35 @@ def lors_linear_case(rng):
         args,
         lambda a: lk.lors_linear(a["x"], a["weight"], a["down"], a["up"], a["bias"], scaling=scaling),
         lambda a: dense64(a["x"], a["weight"], a["down"], a["up"], a["bias"], scaling),
+    )
+
+
+def lors_linear_indexed_case(rng):
+    lead = rng.choice([(_size(rng, [1, 3, 5]),), (2, _size(rng, [1, 3]))])
+    k, n, r, layers = _size(rng, [1, 4, 7]), rng.choice([1, 3, 6]), rng.choice([0, 1, 3]), rng.choice([1, 2, 4])
+    std = max(k, 1) ** -0.5
+    g = torch.Generator().manual_seed(rng.randrange(2**31))
+    index = torch.randint(-1, layers, lead, generator=g).to(rng.choice([torch.int32, torch.int64]))
+    ranks = torch.randint(0, r + 1, (layers,), generator=g) if rng.random() < 0.5 else None
+    bias = rng.choice([None, (n,), (layers, n)])
+    args = {
+        "x": _laid(rng, _values(rng, *lead, k)),
+        "weight": _laid(rng, _values(rng, n, k, std=std)),
+        "down": _laid(rng, _values(rng, layers, r, k, std=std)),
+        "up": _laid(rng, _values(rng, layers, n, r, std=max(r, 1) ** -0.5)),
+        "bias": None if bias is None else _laid(rng, _values(rng, *bias)),
+        "scaling": _laid(rng, _values(rng, layers)),
+        # skipped entries hold a layer far out of range: reading one is an error, not a wrong answer
+        "index": _laid(rng, index, INDEX_LAYOUTS, fill=2**30),
+        "ranks": None if ranks is None else _laid(rng, ranks, INDEX_LAYOUTS, fill=2**30),
+    }
+    return Case(
+        f"lors_linear index= ranks={'given' if ranks is not None else 'R'}",
+        args,
+        lambda a: lk.lors_linear(
+            a["x"], a["weight"], a["down"], a["up"], a["bias"], scaling=a["scaling"], index=a["index"], ranks=a["ranks"]
+        ),
+        lambda a: indexed64(a["x"], a["weight"], a["down"], a["up"], a["bias"], a["scaling"], a["index"], a["ranks"]),
     )
 
 
@@ -284,6 +313,7 @@ def sparse_cross_attention_case(rng):
 
 OPS = {
     "lors_linear": lors_linear_case,
+    "lors_linear_indexed": lors_linear_indexed_case,
     "adaptive_mixing": adaptive_mixing_case,
     "generate_mixing_weights": generate_mixing_weights_case,
     "select_windows": select_windows_case,

@@ -516,10 +516,16 @@ def segment_matmul(a: Tensor, b: Tensor, out: Tensor, rows: Rows, scaling: Tenso
     return out
 
 
+def _per_layer(scaling: Tensor, ranks: Tensor | None) -> tuple[Tensor, Tensor | None]:
+    """The kernels read scaling[i] and ranks[i] at unit stride: [L] values, copied if they are a view."""
+    return scaling.contiguous(), None if ranks is None else ranks.contiguous()
+
+
 def lors_linear_indexed_forward(x: Tensor, weight: Tensor, down: Tensor, up: Tensor, bias: Tensor | None,
                                 scaling: Tensor, index: Tensor, ranks: Tensor | None) -> Tensor:
     """x [M, K], index [M] -> [M, N]: the shrink T = x down_i^T, then one GEMM over the shared weight
     with each layer's T up_i^T added to its rows."""
+    scaling, ranks = _per_layer(scaling, ranks)
     rows = sort_rows(index, down.shape[0])
     t = indexed_shrink(x, down, rows, ranks)
     y = torch.empty((x.shape[0], weight.shape[0]), device=x.device, dtype=x.dtype)
@@ -539,6 +545,7 @@ def lors_linear_indexed_backward(grad: Tensor, x: Tensor, weight: Tensor, down: 
     """
     m, k = x.shape
     layers, n = up.shape[0], weight.shape[0]
+    scaling, ranks = _per_layer(scaling, ranks)
     rows = sort_rows(index, layers)
     t = indexed_shrink(x, down, rows, ranks)
     g = indexed_shrink(grad, up.transpose(1, 2), rows, ranks)

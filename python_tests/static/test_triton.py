@@ -216,17 +216,24 @@ def aot_cases():
                     for needs_x in (True, False):
                         grad = torch.empty(m, n, device="meta", dtype=dtype)
                         kernels.lors_linear_backward(grad, x, weight, down, up, 0.5, b is not None, needs_x)
-        # Rows at different layers: the shrink, the GEMM and the segment sums, per bias kind and ranks.
+        # Rows at different layers, every flag on (a bias per layer, ranks) in each dtype and tile bucket; the
+        # other flags' branches once, in bf16.
         for m in (1, 64, 4096):
-            for bias_kind in (None, "shared", "layer"):
-                x, weight, down, up, b, scaling, index = make_indexed_inputs(
-                    m, 512, 256, 8, 16, dtype, "meta", bias_kind
-                )
-                for ranks in (None, torch.empty(8, device="meta", dtype=torch.int64)):
-                    index = torch.empty(m, device="meta", dtype=torch.int64)
-                    kernels.lors_linear_indexed_forward(x, weight, down, up, b, scaling, index, ranks)
-                    grad = torch.empty(m, 256, device="meta", dtype=dtype)
-                    kernels.lors_linear_indexed_backward(grad, x, weight, down, up, b, scaling, index, ranks, True)
+            indexed_launches(m, dtype, "layer", ranks=True)
+    torch.set_float32_matmul_precision("highest")
+    for bias_kind, ranks in ((None, False), ("shared", False), ("shared", True)):
+        indexed_launches(64, torch.bfloat16, bias_kind, ranks)
+
+
+def indexed_launches(m, dtype, bias_kind, ranks):
+    from lors_kernels.static import triton as kernels
+
+    x, weight, down, up, b, scaling, _ = make_indexed_inputs(m, 512, 256, 8, 16, dtype, "meta", bias_kind)
+    index = torch.empty(m, device="meta", dtype=torch.int64)
+    ranks = torch.empty(8, device="meta", dtype=torch.int64) if ranks else None
+    kernels.lors_linear_indexed_forward(x, weight, down, up, b, scaling, index, ranks)
+    grad = torch.empty(m, 256, device="meta", dtype=dtype)
+    kernels.lors_linear_indexed_backward(grad, x, weight, down, up, b, scaling, index, ranks, True)
 
 
 def test_aot_compiles_for_sm80_and_sm90():
