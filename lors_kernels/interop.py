@@ -32,6 +32,7 @@ from torch import Tensor, nn
 from . import hf
 from .convert import lors_structure, replace_modules, restore_lors
 from .static import LorsLinear, lors_linear
+from .static.module import stack_pairs
 
 __all__ = [
     "all_linear",
@@ -178,7 +179,6 @@ def _linear_weight(base: nn.Module) -> tuple[Tensor, Tensor | None] | None:
 def _fused_mixed_lora() -> type:
     """PEFT's LoRA Linear whose mixed-adapter batches run as one indexed lors_linear call (fuse_mixed_batches)."""
     import torch
-    import torch.nn.functional as F
     from peft.tuners.lora.layer import Linear
 
     class FusedMixedLora(Linear):
@@ -218,21 +218,16 @@ def _fused_mixed_lora() -> type:
                     scalings.append(0.0)
                     rows.append(own)
                 bias = torch.stack(rows)
-            ranks = [d.shape[0] for d in downs]
-            r = max(ranks)
-            down = torch.stack([F.pad(d.to(weight.dtype), (0, 0, 0, r - d.shape[0])) for d in downs])
-            up = torch.stack([F.pad(u.to(weight.dtype), (0, r - u.shape[1])) for u in ups])
+            down, up, ranks = stack_pairs([d.to(weight.dtype) for d in downs], [u.to(weight.dtype) for u in ups])
             return lors_linear(
                 x,
                 weight,
                 down,
                 up,
                 bias,
-                scaling=torch.tensor(
-                    scalings, dtype=torch.float64 if x.dtype == torch.float64 else torch.float32, device=x.device
-                ),
+                scaling=torch.tensor(scalings, device=x.device),
                 index=torch.tensor(index, device=x.device).view(len(index), *[1] * (x.dim() - 2)),
-                ranks=ranks if min(ranks) < r else None,
+                ranks=ranks,
             )
 
     return FusedMixedLora

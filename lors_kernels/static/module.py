@@ -424,19 +424,25 @@ def stack_linear(layers: Sequence[LorsLinear], x: Tensor, index: Tensor) -> Tens
             raise ValueError(f"stack_linear: layers[{i}] is merged (its shared weight holds its pair): unmerge() it")
     if any(layer.dropout and layer.training for layer in layers):
         return _each_row_through_its_layer(layers, x, index)
-    ranks = [layer.down.shape[0] for layer in layers]
-    width = max(ranks)
-    down = torch.stack([F.pad(layer.down, (0, 0, 0, width - r)) for layer, r in zip(layers, ranks)])
-    up = torch.stack([F.pad(layer.up, (0, width - r)) for layer, r in zip(layers, ranks)])
+    down, up, ranks = stack_pairs([layer.down for layer in layers], [layer.up for layer in layers])
     bias = None
     if any(layer.bias is not None for layer in layers):
         bias = torch.stack([layer.bias if layer.bias is not None else up.new_zeros(up.shape[1]) for layer in layers])
     scalings = [layer.scaling for layer in layers]
     # One number where the layers agree: no host-to-device copy (which CUDA-graph capture refuses).
     scaling = scalings[0] if len(set(scalings)) == 1 else torch.tensor(scalings, device=x.device)
-    return lors_linear(
-        x, shared.weight, down, up, bias, scaling=scaling, index=index, ranks=None if min(ranks) == width else ranks
-    )
+    return lors_linear(x, shared.weight, down, up, bias, scaling=scaling, index=index, ranks=ranks)
+
+
+def stack_pairs(downs: Sequence[Tensor], ups: Sequence[Tensor]) -> tuple[Tensor, Tensor, list[int] | None]:
+    """Private pairs of several layers as ``lors_linear(..., index=)`` takes them: (down [L, R, in], up
+    [L, out, R], ranks), lower ranks zero-padded to the largest R and ranks None when all are R. Stacked,
+    so gradients reach each pair."""
+    ranks = [d.shape[0] for d in downs]
+    width = max(ranks)
+    down = torch.stack([F.pad(d, (0, 0, 0, width - r)) for d, r in zip(downs, ranks)])
+    up = torch.stack([F.pad(u, (0, width - r)) for u, r in zip(ups, ranks)])
+    return down, up, None if min(ranks) == width else ranks
 
 
 def _each_row_through_its_layer(layers: list[LorsLinear], x: Tensor, index: Tensor) -> Tensor:

@@ -295,20 +295,17 @@ def check_index(x, weight, down, up, bias, scaling, index, ranks, sync: bool) ->
             raise IndexError(f"lors_linear: {message}, got values in [{seen_low}, {seen_high}]")
 
 
-def _indexed_rows(x, *rest):
-    """The kernels take x and index as rows."""
-    return as_rows(x), *rest[:-2], rest[-2].reshape(-1), rest[-1]
+# The kernels take x and index as rows: x [M, in], index [M].
 
 
 def _triton_indexed_forward(x, weight, down, up, bias, scaling, index, ranks):
-    return _unrows(
-        kernels.lors_linear_indexed_forward(*_indexed_rows(x, weight, down, up, bias, scaling, index, ranks)), x
-    )
+    y = kernels.lors_linear_indexed_forward(as_rows(x), weight, down, up, bias, scaling, index.reshape(-1), ranks)
+    return _unrows(y, x)
 
 
 def _native_cpu_indexed_forward(x, weight, down, up, bias, scaling, index, ranks):
-    rows = _indexed_rows(x, weight, down, up, bias, scaling, index, ranks)
-    return _unrows(backend.native().lors_linear_indexed_forward_cpu(*rows), x)
+    forward = backend.native().lors_linear_indexed_forward_cpu
+    return _unrows(forward(as_rows(x), weight, down, up, bias, scaling, index.reshape(-1), ranks), x)
 
 
 def _indexed_grads(backward, c, grad):

@@ -172,7 +172,7 @@ def lors_linear_indexed_backward(
     dscaling = torch.zeros_like(scaling)
     wide = torch.promote_types(x.dtype, scaling.dtype)
     dbias = None if bias is None else grad.sum(0) if bias.dim() == 1 else torch.zeros_like(bias)
-    parts = [x.new_zeros(x.shape[0] - sum(len(s) for s in segs), x.shape[1])]
+    parts = [x.new_zeros(x.shape[0] - sum(len(s) for s in segs), x.shape[1])]  # dx's low-rank part by segment
     for layer, seg in enumerate(segs):
         r = _rank(ranks, down, layer)
         xs, gs = x[seg], grad[seg]
@@ -181,7 +181,8 @@ def lors_linear_indexed_backward(
         dscaling[layer] = (g_up.to(wide) * t.to(wide)).sum()
         dup[layer, :, :r] = (gs.t() @ t) * s
         ddown[layer, :r] = (g_up.t() @ xs) * s
-        parts.append(g_up * s @ d)
+        if needs_x:
+            parts.append(g_up * s @ d)
         if bias is not None and bias.dim() == 2:
             dbias[layer] = gs.sum(0)
     dx = grad @ weight + _unsort(order, torch.cat(parts)) if needs_x else None
