@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(kThreads, kBlocksPerSm) lors_linear_decode_ker
       rows[i] = !exists(q)        ? nullptr
                 : q < kTileRows ? a.weight + static_cast<int64_t>(n0 + q) * a.k + k0
                                 : a.down + static_cast<int64_t>(q - kTileRows) * a.k + k0;
-      any |= rows[i] != nullptr;
+      any |= exists(q);  // not rows[i] != nullptr: with K = 0 the weight's pointer itself may be null
     }
     if (!any) continue;  // past N in the last tile
     float acc[kGroupRows * kRowsX] = {};
