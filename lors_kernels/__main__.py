@@ -31,9 +31,16 @@ def build_parser() -> argparse.ArgumentParser:
     check = sub.add_parser(
         "gpu-check",
         help="on a GPU: the CUDA tests and the quick bf16 benchmarks, with a "
-        "JSON and markdown summary (< 8 min on one H100/H200)",
+        "JSON and markdown summary, within a time budget",
     )
     check.add_argument("--out", metavar="DIR", default="gpu-check", help="where the results go (default: gpu-check)")
+    check.add_argument(
+        "--budget",
+        metavar="SECONDS",
+        type=float,
+        default=450,
+        help="time for all stages, two thirds of it for the tests (default: 450)",
+    )
     return parser
 
 
