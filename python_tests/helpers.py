@@ -158,6 +158,9 @@ def cuda_extension():
 needs_cuda_extension = pytest.mark.skipif(
     cuda_extension() is None, reason="needs a GPU and lors_kernels._C built with CUDA (LORS_KERNELS_BUILD_CUDA=1)"
 )
+# Tests that run Triton kernels on CPU tensors (forced routes, fake CUDA tensors over CPU data): only the
+# interpreter does that, and a machine with a GPU runs the compiled kernels instead.
+needs_interpreter = pytest.mark.skipif(CUDA, reason="runs Triton on CPU tensors: the interpreter, not used with a GPU")
 # What the native CUDA kernels take.
 GPU_DTYPES = [torch.float32, torch.float16, torch.bfloat16]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import triton
 import triton.language as tl
-from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, op_calls
+from helpers import KERNEL_DEVICE, assert_close, dtype_id, fake_cuda, needs_interpreter, op_calls
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -99,13 +99,15 @@ def test_toy_opcheck_and_compile(use_backend):
     x = torch.randn(4, 9, device=KERNEL_DEVICE, requires_grad=True)
     torch.library.opcheck(torch.ops.lors.test_scaled_relu.default, (x, 0.5))
     torch.library.opcheck(
-        torch.ops.lors.test_scaled_relu_backward.default, ([torch.ones(4, 9)], [], [True], x.detach(), 0.5)
+        torch.ops.lors.test_scaled_relu_backward.default,
+        ([torch.ones(4, 9, device=KERNEL_DEVICE)], [], [True], x.detach(), 0.5),
     )
     compiled = torch.compile(lambda t: scaled_relu(t, scale=0.5).sum(), fullgraph=True)
     compiled(x).backward()
     assert_close(x.grad, 0.5 * (x.detach() > 0).double(), torch.float32, "compiled dx")
 
 
+@needs_interpreter
 def test_toy_routes(use_backend):
     x = torch.randn(3)
     assert scaled_relu_op.route(x, 1.0).backend == "reference"  # on CPU the automatic choice
@@ -123,6 +125,7 @@ def test_toy_routes(use_backend):
         scaled_relu(torch.arange(3))
 
 
+@needs_interpreter
 def test_toy_public_route_takes_the_public_arguments(use_backend):
     x = torch.randn(3)
     assert scaled_relu.route(x).backend == "reference"
@@ -134,6 +137,7 @@ def test_toy_public_route_takes_the_public_arguments(use_backend):
         scaled_relu.route(x, 2.0)
 
 
+@needs_interpreter
 def test_launches_go_to_the_inputs_device(monkeypatch):
     """Inputs on cuda:1 while another device is current: forward and backward launch under cuda:1."""
     entered = []
