@@ -324,7 +324,12 @@ def test_gradients_taken_with_create_graph_are_differentiable_on_every_route(nam
         use_backend("reference")
         expected = second_gradients()
         use_backend(backend_name)
-        got = second_gradients()
+        try:
+            got = second_gradients()
+        except RuntimeError as error:  # on a GPU: no native CUDA kernel for adaptive mixing or attention
+            if "has no kernel for this call" not in str(error):
+                raise
+            pytest.skip(f"backend {backend_name!r} has no kernel for {name} on {KERNEL_DEVICE}")
     for i, (g, e) in enumerate(zip(got, expected)):
         assert (g is None) == (e is None), i
         if g is not None:

@@ -134,11 +134,12 @@ def test_rows_no_index_selects_cannot_reach_the_result(backend_name, per_query, 
     if per_query:
         index = index[:, None].expand(2, 4, 5).contiguous()
     k[:, :, 0], v[:, :, 0] = float("nan"), float("inf")  # row 0: never listed
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    out = lk.sparse_cross_attention(*leaves, index)
+    device = KERNEL_DEVICE if backend_name == "triton" else "cpu"
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out = lk.sparse_cross_attention(*leaves, index.to(device))
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     expected = masked_attention64(q, k, v, index)
-    torch.testing.assert_close(out.double(), expected.detach(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double().cpu(), expected.detach(), atol=1e-5, rtol=1e-5)
     assert all(bool(torch.isfinite(t).all()) for t in grads)
     assert not bool(grads[1][:, :, 0].any()) and not bool(grads[2][:, :, 0].any())  # row 0: zero gradient
 
@@ -160,8 +161,9 @@ def test_attention_of_empty_sets_gives_zeros_and_zero_gradients(backend_name, ca
     q, k, v = (torch.randn(b, 2, 3, 8, generator=g), *(torch.randn(b, 2, length, 8, generator=g) for _ in "kv"))
     shape = (b, 3, slots) if per_query else (b, slots)
     index = torch.randint(0, length, shape, generator=g) if length else torch.full(shape, -1)
-    leaves = [t.requires_grad_() for t in (q, k, v)]
-    out = lk.sparse_cross_attention(*leaves, index)
+    device = KERNEL_DEVICE if backend_name == "triton" else "cpu"
+    leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
+    out = lk.sparse_cross_attention(*leaves, index.to(device))
     assert out.shape == q.shape and not bool(out.any())
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
     assert [g.shape for g in grads] == [t.shape for t in leaves] and not any(bool(g.any()) for g in grads)
