@@ -52,6 +52,15 @@ def test_spills_are_read_from_the_ptxas_log():
         "ptxas info    : Function properties for kernel\n"
         "    24 bytes stack frame, 16 bytes spill stores, 8 bytes spill loads\n"
     )
-    assert aot.hopper_report("wgmma.mma_async.sync", log) == {"wgmma": True, "tma": False, "spills": 24}
+    wide = "wgmma.mma_async.sync.aligned.m64n32k16.f32.bf16.bf16"
+    assert aot.hopper_report(wide, log) == {"wgmma": True, "narrow_wgmma": False, "tma": False, "spills": 24}
     clean = "    0 bytes stack frame, 0 bytes spill stores, 0 bytes spill loads\n"
-    assert aot.hopper_report("mma.sync cp.async.bulk.tensor", clean) == {"wgmma": False, "tma": True, "spills": 0}
+    assert aot.hopper_report("mma.sync cp.async.bulk.tensor", clean) == {
+        "wgmma": False,
+        "narrow_wgmma": False,
+        "tma": True,
+        "spills": 0,
+    }
+    narrow = aot.hopper_report("wgmma.mma_async.sync.aligned.m64n8k16.f32.f16.f16", clean)
+    assert narrow["wgmma"] and narrow["narrow_wgmma"]
+    assert not aot.hopper_report("wgmma.mma_async.sync.aligned.m64n8k8.f32.tf32.tf32", clean)["narrow_wgmma"]

@@ -286,11 +286,15 @@ def generate(q: Tensor, gen_weight: Tensor, gen_bias: Tensor | None, core_weight
 
 
 def _config(p_in, c_in, c_out, p_out, r):
-    blocks = dict(BLOCK_PI=block(p_in), BLOCK_CI=block(c_in), BLOCK_CO=block(c_out), BLOCK_PO=block(p_out),
-                  BLOCK_R=block(r))
+    blocks = dict(BLOCK_PI=block(p_in), BLOCK_CI=block(c_in), BLOCK_CO=block(c_out), BLOCK_PO=block(p_out))
     # The largest tile holds P x C fp32 values; 8 warps once it passes 64 x 64.
     largest = max(blocks["BLOCK_PI"], blocks["BLOCK_PO"]) * blocks["BLOCK_CO"]
-    return blocks, (8 if largest > 4096 else 4)
+    warps = 8 if largest > 4096 else 4
+    # Rank tiles are dot columns too. Over 8 warps Triton splits a 64-row dot's columns between two
+    # warpgroups, and 16 of them become 16-bit wgmma 8 columns wide, which crashes or computes wrong
+    # results on Hopper (triton-lang/triton#7830; an illegal address on an H200): 16 per warpgroup.
+    blocks["BLOCK_R"] = block(r, 16 * warps // 4)
+    return blocks, warps
 
 
 def _private_args(private, like):
