@@ -6,7 +6,7 @@ import torch
 def loops64(x, m, s, channel_private=None, spatial_private=None, eps=1e-5):
     """Independent oracle: per (query, group) loops in float64, explicit sums and LayerNorm."""
     bn, groups = x.shape[:2]
-    out = torch.zeros(bn, groups, s.shape[2], m.shape[3], dtype=torch.float64)
+    out = torch.zeros(bn, groups, s.shape[2], m.shape[3], dtype=torch.float64, device=x.device)  # x: any device
     for n in range(bn):
         for g in range(groups):
             mg, sg = m[n, g].double(), s[n, g].double()
