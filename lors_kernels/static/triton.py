@@ -238,6 +238,7 @@ def lors_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, 
       T1 = [x (s down)^T | 1]          recomputed rather than saved: one read of x, R/N of the forward
       dx = grad W + (grad s up) down   one launch, which also writes G = grad (s up)
       [dW | dup | dbias] = grad^T [x | T1]   one GEMM over M; dup and dbias come from its first column
+                                       (fp32; 16-bit: a thin GEMM of their own, see below)
       ddown = G^T x                    its own thin GEMM: as a side output of the dW GEMM it doubled
                                        that kernel's registers and cost it a pipeline stage (sm_90 AOT)
     """
@@ -268,7 +269,11 @@ def lors_linear_backward(grad: Tensor, x: Tensor, weight: Tensor, down: Tensor, 
             lors_matmul(grad, weight, dx, t=g if r else None, up=down if r else None)
 
     side = empty(n, r + has_bias)  # [dup | dbias]
-    if 0 < r + has_bias <= MAX_FUSED_RANK:
+    # 16-bit inputs take the separate thin GEMM. The fused side output runs its dot under a runtime
+    # branch, because only the first column of programs shrinks. On an H200 (Triton 3.6), every 16-bit
+    # test that crashed (illegal address) or failed took that path; every one that took the separate
+    # GEMM (R + bias > 64) passed. The cause is not pinned down. fp32 dots run on the FMA units.
+    if 0 < r + has_bias <= MAX_FUSED_RANK and x.dtype == torch.float32:
         lors_matmul(grad.t(), x, dweight, down=t1, t_out=side)
     else:
         lors_matmul(grad.t(), x, dweight)
