@@ -252,10 +252,19 @@ def test_load_lora_state_dict_equals_peft(variant):
 
 def _indexed_calls(monkeypatch):
     """The base weights (data_ptr) of the indexed lors_linear calls made from here on, in order."""
+    from lors_kernels import registry
     from lors_kernels.static.op import lors_linear_indexed_op
 
-    calls, route = [], lors_linear_indexed_op.route
-    monkeypatch.setattr(lors_linear_indexed_op, "route", lambda *args: calls.append(args[1].data_ptr()) or route(*args))
+    calls, route = [], registry.Op.route
+
+    def counted(op, *args):
+        if op is lors_linear_indexed_op:
+            calls.append(args[1].data_ptr())
+        return route(op, *args)
+
+    # On the class: monkeypatch would undo a patch of the instance by setting the bound method on it,
+    # which then hides the class's route from later tests (test_registry patches Op.route).
+    monkeypatch.setattr(registry.Op, "route", counted)
     return calls
 
 
