@@ -167,12 +167,12 @@ def run_bench(out_dir: str, deadline: float) -> dict:
     breaks the CUDA context is reported (its error's last lines) and the others still run."""
     from . import bench
 
-    results, crashes, header = [], {}, None
+    results, crashes, skipped, header = [], {}, [], None
     for name in bench.families():
         left = deadline - time.perf_counter()
         if left < 10:
             say(f"bench: {name} skipped, out of time")
-            crashes[name] = "skipped: out of time"
+            skipped.append(name)
             continue
         say(f"bench: {name}")
         path = os.path.join(out_dir, f"bench-{name}.json")
@@ -192,7 +192,7 @@ def run_bench(out_dir: str, deadline: float) -> dict:
         os.remove(path)
         results += family.pop("results")
         header = header or family
-    report = {**(header or {}), "results": results, "crashes": crashes}
+    report = {**(header or {}), "results": results, "crashes": crashes, "skipped": skipped}
     report["command"] = "python -m lors_kernels bench --quick --dtype bf16 --op <family> (from gpu-check)"
     with open(os.path.join(out_dir, "bench.json"), "w") as f:
         json.dump(report, f, indent=1)
@@ -220,6 +220,7 @@ def summary_markdown(summary: dict) -> str:
     ]
     lines += [f"- FAIL {f}" for f in tests.get("failures", [])]
     lines += [f"- BENCH FAILED {name}: {error}" for name, error in summary["bench"].get("crashes", {}).items()]
+    lines += [f"- bench skipped (out of time): {name}" for name in summary["bench"].get("skipped", [])]
     lines += ["", "| target | shape | ratio | limit | verdict |", "|---|---|---|---|---|"]
     for row in summary["bench"].get("results", []):
         assessed = assess(row)
@@ -249,7 +250,7 @@ def main(args: argparse.Namespace) -> int:
     summary["seconds"]["tests"] = summary["tests"]["seconds"]
     bench_start = time.perf_counter()
     report = run_bench(args.out, start + args.budget)
-    summary["bench"] = {"results": report["results"], "crashes": report["crashes"]}
+    summary["bench"] = {key: report[key] for key in ("results", "crashes", "skipped")}
     summary["seconds"]["bench"] = round(time.perf_counter() - bench_start, 1)
     summary["seconds"]["total"] = round(time.perf_counter() - start, 1)
     verdicts = [v for row in report["results"] for v in assess(row)["verdicts"].values()]
