@@ -158,6 +158,18 @@ def cuda_extension():
 needs_cuda_extension = pytest.mark.skipif(
     cuda_extension() is None, reason="needs a GPU and lors_kernels._C built with CUDA (LORS_KERNELS_BUILD_CUDA=1)"
 )
+
+
+def route_device(route):
+    """Where a test of a forced route puts its tensors: the kernel device for Triton, else the CPU."""
+    return KERNEL_DEVICE if route == "triton" else "cpu"
+
+
+def no_kernel(error):
+    """The forced route has no kernel for this case (a dtype, size or device it does not take)."""
+    return "has no kernel for this call" in str(error) or "cannot run on" in str(error)
+
+
 # Tests that run Triton kernels on CPU tensors (forced routes, fake CUDA tensors over CPU data): only the
 # interpreter does that, and a machine with a GPU runs the compiled kernels instead.
 needs_interpreter = pytest.mark.skipif(CUDA, reason="runs Triton on CPU tensors: the interpreter, not used with a GPU")

@@ -3,7 +3,7 @@ and selection ties on every route."""
 
 import pytest
 import torch
-from helpers import KERNEL_DEVICE
+from helpers import KERNEL_DEVICE, route_device
 
 import lors_kernels as lk
 from lors_kernels.hrca import reference
@@ -134,7 +134,7 @@ def test_rows_no_index_selects_cannot_reach_the_result(backend_name, per_query, 
     if per_query:
         index = index[:, None].expand(2, 4, 5).contiguous()
     k[:, :, 0], v[:, :, 0] = float("nan"), float("inf")  # row 0: never listed
-    device = KERNEL_DEVICE if backend_name == "triton" else "cpu"
+    device = route_device(backend_name)
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     out = lk.sparse_cross_attention(*leaves, index.to(device))
     grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
@@ -161,7 +161,7 @@ def test_attention_of_empty_sets_gives_zeros_and_zero_gradients(backend_name, ca
     q, k, v = (torch.randn(b, 2, 3, 8, generator=g), *(torch.randn(b, 2, length, 8, generator=g) for _ in "kv"))
     shape = (b, 3, slots) if per_query else (b, slots)
     index = torch.randint(0, length, shape, generator=g) if length else torch.full(shape, -1)
-    device = KERNEL_DEVICE if backend_name == "triton" else "cpu"
+    device = route_device(backend_name)
     leaves = [t.to(device).requires_grad_() for t in (q, k, v)]
     out = lk.sparse_cross_attention(*leaves, index.to(device))
     assert out.shape == q.shape and not bool(out.any())

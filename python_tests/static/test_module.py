@@ -9,7 +9,7 @@ import sys
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE, Mlp, assert_close, own_layer, peft_model, random_pairs
+from helpers import KERNEL_DEVICE, Mlp, assert_close, own_layer, peft_model, random_pairs, route_device
 
 import lors_kernels as lk
 from lors_kernels import backend
@@ -298,7 +298,7 @@ def mixed_stack(seed=0):
 @pytest.mark.parametrize("route", ["reference", "native", "triton"])
 def test_stack_linear_is_each_row_through_its_layer(route, use_backend):
     use_backend(route)
-    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    device = route_device(route)
     stack = mixed_stack().to(device)
     x = torch.randn(2, 7, 24, device=device, requires_grad=True)
     index = torch.tensor([[2, -1, 0, 1, 1, 2, 0], [0, 0, -1, 2, 1, 2, 2]], device=device)

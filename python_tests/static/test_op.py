@@ -4,7 +4,7 @@ the backend forced by the environment."""
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import KERNEL_DEVICE, assert_close
+from helpers import KERNEL_DEVICE, assert_close, route_device
 
 import lors_kernels as lk
 
@@ -174,7 +174,7 @@ INDEXED_SIZES = {
 def test_indexed_every_route_and_size(route, case, bias, use_backend):
     use_backend(route)
     m, k, n, layers, r, spread = INDEXED_SIZES[case]
-    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    device = route_device(route)
     inputs = list(make_indexed_inputs(m, k, n, layers, r, torch.float32, device, bias=bias))
     if spread != "mixed":
         inputs[6] = torch.full_like(inputs[6], spread)
@@ -185,7 +185,7 @@ def test_indexed_every_route_and_size(route, case, bias, use_backend):
 def test_indexed_ranks_cost_their_own_columns(route, use_backend):
     """Layer i reads down[i, :ranks[i]] and up[i, :, :ranks[i]] only: NaN stored beyond stays out."""
     use_backend(route)
-    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    device = route_device(route)
     inputs = list(make_indexed_inputs(17, 24, 20, 4, 6, torch.float32, device))
     ranks = [6, 0, 2, 5]
     with torch.no_grad():
@@ -199,7 +199,7 @@ def test_indexed_ranks_cost_their_own_columns(route, use_backend):
 def test_indexed_layers_are_isolated(route, use_backend):
     """An inf in one layer's pair reaches that layer's rows only, as in the written-out math."""
     use_backend(route)
-    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    device = route_device(route)
     x, weight, down, up, bias, scaling, index = make_indexed_inputs(16, 24, 20, 4, 4, torch.float32, device)
     up[1, 3, 0] = float("inf")
     y = lk.lors_linear(x, weight, down, up, bias, scaling=scaling, index=index)
@@ -211,7 +211,7 @@ def test_indexed_layers_are_isolated(route, use_backend):
 def test_indexed_leading_dims_broadcast_index_and_strides(route, use_backend):
     """x [B, T, in] with one layer per sample (index [B, 1]), every operand a strided view."""
     use_backend(route)
-    device = KERNEL_DEVICE if route == "triton" else "cpu"
+    device = route_device(route)
     x, weight, down, up, bias, scaling, _ = make_indexed_inputs(5, 24, 20, 3, 4, torch.float32, device, lead=(4,))
     per_sample = torch.tensor([[2], [-1], [0], [2]], device=device)
     views = (
